@@ -1,0 +1,68 @@
+from diffmesh.proto.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DenoiseRequest(_message.Message):
+    __slots__ = ("model_id", "scheduler", "steps", "guidance_scale", "width", "height", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "seeds", "generator_states", "init_latents", "strength")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATES_FIELD_NUMBER: _ClassVar[int]
+    INIT_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    prompt_embeds: _tensor_pb2.Tensor
+    negative_prompt_embeds: _tensor_pb2.Tensor
+    pooled_prompt_embeds: _tensor_pb2.Tensor
+    negative_pooled_prompt_embeds: _tensor_pb2.Tensor
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    generator_states: _tensor_pb2.Tensor
+    init_latents: _tensor_pb2.Tensor
+    strength: float
+    def __init__(self, model_id: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., generator_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class DenoiseProgress(_message.Message):
+    __slots__ = ("step", "total_steps", "timestep", "elapsed_ms")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    timestep: float
+    elapsed_ms: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+
+class DenoiseResult(_message.Message):
+    __slots__ = ("latents", "compute_ms")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    latents: _tensor_pb2.Tensor
+    compute_ms: float
+    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+
+class DenoiseEvent(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: DenoiseProgress
+    result: DenoiseResult
+    def __init__(self, progress: _Optional[_Union[DenoiseProgress, _Mapping]] = ..., result: _Optional[_Union[DenoiseResult, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,35 @@
+from diffmesh.proto.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EncodeTextRequest(_message.Message):
+    __slots__ = ("model_id", "prompt", "negative_prompt", "with_negative")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WITH_NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    prompt: str
+    negative_prompt: str
+    with_negative: bool
+    def __init__(self, model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., with_negative: _Optional[bool] = ...) -> None: ...
+
+class EncodeTextResponse(_message.Message):
+    __slots__ = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "cache_hit", "compute_ms")
+    PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    prompt_embeds: _tensor_pb2.Tensor
+    negative_prompt_embeds: _tensor_pb2.Tensor
+    pooled_prompt_embeds: _tensor_pb2.Tensor
+    negative_pooled_prompt_embeds: _tensor_pb2.Tensor
+    cache_hit: bool
+    compute_ms: float
+    def __init__(self, prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., compute_ms: _Optional[float] = ...) -> None: ...

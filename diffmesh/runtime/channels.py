@@ -1,0 +1,49 @@
+"""Client channels to stages: per-request balancing across replicas, retries, message limits."""
+from __future__ import annotations
+
+import json
+
+import grpc
+
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:")
+
+
+def channel_target(address: str) -> str:
+    """host:port becomes dns:///host:port, so every address a DNS name resolves to (a headless
+    Service's pods) gets its own subchannel; explicit resolver targets pass through."""
+    return address if address.startswith(_SCHEMES) else f"dns:///{address}"
+
+
+def _service_config() -> str:
+    # round_robin balances each call across all resolved replicas (pick_first, the default,
+    # pins every call to one). Retries cover UNAVAILABLE only: a replica restarting or draining.
+    return json.dumps({
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }],
+    })
+
+
+def channel_options(max_message_mb: int) -> list[tuple[str, object]]:
+    limit = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+    ]
+
+
+def open_channel(address: str, max_message_mb: int = 256) -> grpc.aio.Channel:
+    options = channel_options(max_message_mb) + [
+        ("grpc.service_config", _service_config()),
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    return grpc.aio.insecure_channel(channel_target(address), options=options)

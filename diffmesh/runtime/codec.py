@@ -1,0 +1,144 @@
+"""Tensor <-> protobuf codec.
+
+Decoding maps the received bytes without copying (numpy.frombuffer, then torch.from_numpy) after
+checking dtype x shape x byte length, so a malformed payload is an InvalidArgument naming the
+field, never a crash. Decoded arrays are read-only views of the message's bytes.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from diffmesh.proto.v1 import tensor_pb2
+from diffmesh.runtime.errors import InvalidArgument
+
+DType = tensor_pb2.DType
+Tensor = tensor_pb2.Tensor
+
+MAX_RANK = 8
+
+# torch warns whenever it wraps a read-only buffer; read-only is exactly what we want here (the
+# bytes belong to the protobuf message) and stage code never writes into decoded inputs.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+@dataclass(frozen=True)
+class _Kind:
+    wire: int
+    numpy: np.dtype  # for bfloat16: the uint16 carrier of the bit patterns
+    torch: torch.dtype
+
+
+_KINDS = [
+    _Kind(DType.FLOAT16, np.dtype("<f2"), torch.float16),
+    _Kind(DType.BFLOAT16, np.dtype("<u2"), torch.bfloat16),
+    _Kind(DType.FLOAT32, np.dtype("<f4"), torch.float32),
+    _Kind(DType.FLOAT64, np.dtype("<f8"), torch.float64),
+    _Kind(DType.UINT8, np.dtype("u1"), torch.uint8),
+    _Kind(DType.INT32, np.dtype("<i4"), torch.int32),
+    _Kind(DType.INT64, np.dtype("<i8"), torch.int64),
+    _Kind(DType.BOOL, np.dtype("?"), torch.bool),
+]
+_BY_WIRE = {k.wire: k for k in _KINDS}
+_BY_TORCH = {k.torch: k for k in _KINDS}
+_BY_NUMPY = {k.numpy.newbyteorder("="): k for k in _KINDS if k.wire != DType.BFLOAT16}
+
+WIRE_DTYPES: tuple[int, ...] = tuple(_BY_WIRE)
+
+
+def dtype_name(wire: int) -> str:
+    try:
+        return DType.Name(wire)
+    except ValueError:
+        return str(wire)
+
+
+def _check_header(t: Tensor, field: str, dtypes: Iterable[int] | None, rank: int | None) -> _Kind:
+    kind = _BY_WIRE.get(t.dtype)
+    if kind is None:
+        raise InvalidArgument(f"{field}.dtype", dtype_name(t.dtype), "unknown or unspecified tensor dtype")
+    if dtypes is not None:
+        allowed = tuple(dtypes)
+        if t.dtype not in allowed:
+            names = ", ".join(dtype_name(d) for d in allowed)
+            raise InvalidArgument(f"{field}.dtype", dtype_name(t.dtype), f"expected one of {names}")
+    shape = list(t.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"{field}.shape", shape, f"rank above {MAX_RANK}")
+    if rank is not None and len(shape) != rank:
+        raise InvalidArgument(f"{field}.shape", shape, f"expected rank {rank}")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape", shape, "negative dimension")
+    expected = math.prod(shape) * kind.numpy.itemsize
+    if expected != len(t.data):
+        raise InvalidArgument(
+            f"{field}.data", f"{len(t.data)} bytes",
+            f"shape {shape} of {dtype_name(t.dtype)} needs {expected} bytes",
+        )
+    return kind
+
+
+def _view(t: Tensor, kind: _Kind, field: str) -> np.ndarray:
+    array = np.frombuffer(t.data, dtype=kind.numpy).reshape(tuple(t.shape))
+    if kind.wire == DType.BOOL and array.size and np.frombuffer(t.data, np.uint8).max() > 1:
+        raise InvalidArgument(f"{field}.data", "bool bytes", "bool elements must be 0 or 1")
+    return array
+
+
+def to_numpy(t: Tensor, field: str, *, dtypes: Iterable[int] | None = None,
+             rank: int | None = None) -> np.ndarray:
+    """Read-only numpy view of a tensor (bfloat16 comes back as its uint16 bit patterns)."""
+    kind = _check_header(t, field, dtypes, rank)
+    return _view(t, kind, field)
+
+
+def to_torch(t: Tensor, field: str, *, dtypes: Iterable[int] | None = None,
+             rank: int | None = None) -> torch.Tensor:
+    """torch view over the message's bytes (no copy); move or cast it before writing into it."""
+    kind = _check_header(t, field, dtypes, rank)
+    array = _view(t, kind, field)
+    if array.size == 0:
+        return torch.empty(tuple(t.shape), dtype=kind.torch)
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if kind.wire == DType.BFLOAT16 else tensor
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        return array.astype(array.dtype.newbyteorder("<"))
+    return array
+
+
+def from_numpy(array: np.ndarray) -> Tensor:
+    kind = _BY_NUMPY.get(array.dtype.newbyteorder("="))
+    if kind is None:
+        raise TypeError(f"no wire dtype for numpy {array.dtype}")
+    data = np.ascontiguousarray(_little_endian(array)).tobytes()
+    return Tensor(dtype=kind.wire, shape=array.shape, data=data)
+
+
+def from_torch(tensor: torch.Tensor) -> Tensor:
+    kind = _BY_TORCH.get(tensor.dtype)
+    if kind is None:
+        raise TypeError(f"no wire dtype for torch {tensor.dtype}")
+    tensor = tensor.detach().to("cpu").contiguous()
+    if kind.wire == DType.BFLOAT16:
+        tensor = tensor.view(torch.int16)
+    data = _little_endian(tensor.numpy()).tobytes()
+    return Tensor(dtype=kind.wire, shape=tuple(tensor.shape), data=data)
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    return _BY_TORCH[dtype].wire
+
+
+def is_set(t: Tensor) -> bool:
+    """Whether a Tensor sub-message carries anything (unset message fields read as empty)."""
+    return t.dtype != DType.DTYPE_UNSPECIFIED or len(t.shape) > 0 or len(t.data) > 0

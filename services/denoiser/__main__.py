@@ -1,0 +1,5 @@
+import sys
+
+from services.denoiser.main import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""The denoiser process: `diffmesh serve denoiser` or `python -m services.denoiser`."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+import torch
+
+from diffmesh.models.registry import ModelEntry
+from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc
+from diffmesh.runtime.config import ServerConfig, setting
+from diffmesh.runtime.server import run_stage
+from diffmesh.runtime.stage import ModelStage
+from services.denoiser.sampler import UNetDenoiser
+from services.denoiser.servicer import DenoiserServicer
+
+
+@dataclass
+class DenoiserConfig(ServerConfig):
+    """diffmesh denoiser: the UNet sampling loop."""
+
+    port: int = setting(50062, "gRPC port", min=0, max=65535)
+    max_steps: int = setting(1000, "most inference steps one request may ask for", min=1)
+    max_batch: int = setting(16, "most images one call may denoise together", min=1)
+
+
+class DenoiserStage(ModelStage[UNetDenoiser]):
+    name = "denoiser"
+    service_full_names = (denoiser_pb2.DESCRIPTOR.services_by_name["Denoiser"].full_name,)
+
+    def load_model(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> UNetDenoiser:
+        return UNetDenoiser(entry, device, dtype)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        config: DenoiserConfig = self.config  # type: ignore[assignment]
+        denoiser_pb2_grpc.add_DenoiserServicer_to_server(
+            DenoiserServicer(self.models, self.admission, config.max_steps, config.max_batch), server)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_stage(DenoiserStage, DenoiserConfig, sys.argv[1:] if argv is None else argv,
+                     "diffmesh-denoiser")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

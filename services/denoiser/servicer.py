@@ -1,0 +1,107 @@
+"""Denoiser gRPC servicer: messages -> DenoiseJob, progress events <- the loop. Nothing more."""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from typing import AsyncIterator
+
+import grpc
+import torch
+
+from diffmesh.models.schedulers import lookup_scheduler, scheduler_names
+from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
+from diffmesh.runtime import codec
+from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.runtime.logs import elapsed_ms
+from diffmesh.runtime.server import Admission
+from services.denoiser.sampler import (Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds,
+                                       generators_from_states)
+
+_FLOATS = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16)
+_DONE = object()
+
+
+def _optional_tensor(request: denoiser_pb2.DenoiseRequest, name: str) -> torch.Tensor | None:
+    if not request.HasField(name):
+        return None
+    return codec.to_torch(getattr(request, name), name, dtypes=_FLOATS)
+
+
+def job_from_request(request: denoiser_pb2.DenoiseRequest, max_steps: int, max_batch: int) -> DenoiseJob:
+    spec = lookup_scheduler(request.scheduler)
+    if spec is None:
+        raise InvalidArgument("scheduler", request.scheduler, f"unknown; known: {', '.join(scheduler_names())}")
+    if not 1 <= request.steps <= max_steps:
+        raise InvalidArgument("steps", request.steps, f"must be in [1, {max_steps}]")
+    if not math.isfinite(request.guidance_scale) or request.guidance_scale < 0:
+        raise InvalidArgument("guidance_scale", request.guidance_scale, "must be finite and >= 0")
+    if not request.HasField("prompt_embeds"):
+        raise InvalidArgument("prompt_embeds", None, "required")
+    if request.HasField("generator_states"):
+        states = codec.to_torch(request.generator_states, "generator_states",
+                                dtypes=(tensor_pb2.UINT8,), rank=2)
+        try:
+            generators = generators_from_states(states)
+        except RuntimeError as exc:
+            raise InvalidArgument("generator_states", list(states.shape), f"not a CPU generator state: {exc}")
+    else:
+        generators = generators_from_seeds(request.seeds)
+    if not 1 <= len(generators) <= max_batch:
+        raise InvalidArgument("seeds", len(generators), f"need 1 to {max_batch} images (one seed each)")
+    init_latents = _optional_tensor(request, "init_latents")
+    return DenoiseJob(
+        scheduler=spec, steps=request.steps, guidance_scale=request.guidance_scale,
+        width=request.width, height=request.height,
+        conditioning=Conditioning(
+            prompt_embeds=codec.to_torch(request.prompt_embeds, "prompt_embeds", dtypes=_FLOATS),
+            negative_prompt_embeds=_optional_tensor(request, "negative_prompt_embeds"),
+            pooled_prompt_embeds=_optional_tensor(request, "pooled_prompt_embeds"),
+            negative_pooled_prompt_embeds=_optional_tensor(request, "negative_pooled_prompt_embeds"),
+        ),
+        generators=generators,
+        init_latents=init_latents,
+        strength=request.strength if init_latents is not None else 1.0,
+    )
+
+
+class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
+    def __init__(self, models, admission: Admission, max_steps: int, max_batch: int) -> None:
+        self._models = models
+        self._admission = admission
+        self._max_steps = max_steps
+        self._max_batch = max_batch
+
+    async def Denoise(self, request: denoiser_pb2.DenoiseRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[denoiser_pb2.DenoiseEvent]:
+        model: UNetDenoiser = self._models.get(request.model_id)
+        job = job_from_request(request, self._max_steps, self._max_batch)
+        model.check_job(job)  # reject before queueing, not after the wait
+        async with self._admission.slot():
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+            cancel = threading.Event()
+            start = time.perf_counter()
+
+            def on_step(step: int, total: int, timestep: float) -> None:
+                progress = denoiser_pb2.DenoiseProgress(step=step, total_steps=total, timestep=timestep,
+                                                        elapsed_ms=elapsed_ms(start))
+                loop.call_soon_threadsafe(events.put_nowait, progress)
+
+            def run() -> torch.Tensor:
+                try:
+                    return model.denoise(job, on_step, cancel)
+                finally:
+                    loop.call_soon_threadsafe(events.put_nowait, _DONE)
+
+            future = self._admission.submit(run)
+            try:
+                while (event := await events.get()) is not _DONE:
+                    yield denoiser_pb2.DenoiseEvent(progress=event)
+                latents = await future
+            finally:
+                # The caller cancelled or went away: stop the loop at its next step.
+                cancel.set()
+            result = denoiser_pb2.DenoiseResult(latents=codec.from_torch(latents), compute_ms=elapsed_ms(start))
+            yield denoiser_pb2.DenoiseEvent(result=result)

@@ -1,0 +1,5 @@
+import sys
+
+from services.orchestrator.main import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""The orchestrator process: `diffmesh serve orchestrator` or `python -m services.orchestrator`."""
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+
+from diffmesh.proto.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from diffmesh.runtime.config import ConfigError, ServerConfig, setting
+from diffmesh.runtime.server import run_stage
+from services.orchestrator.plan import Limits, ModelCatalog
+from services.orchestrator.routing import StageRoute, StageRouter
+from services.orchestrator.servicer import OrchestratorServicer
+
+STAGES = ("text_encoder", "denoiser", "vae")
+
+
+@dataclass
+class OrchestratorConfig(ServerConfig):
+    """diffmesh orchestrator: the public API; chains the stages per request."""
+
+    port: int = setting(50051, "gRPC port", min=0, max=65535)
+    max_concurrency: int = setting(64, "requests in flight at once", min=1)
+    text_encoder_address: str = setting("127.0.0.1:50061", "text_encoder target (host:port or a gRPC target)")
+    text_encoder_canary_address: str = setting("", "text_encoder canary target (empty: none)")
+    text_encoder_canary_weight: float = setting(0.0, "share of requests sent to the canary", min=0, max=1)
+    denoiser_address: str = setting("127.0.0.1:50062", "denoiser target")
+    denoiser_canary_address: str = setting("", "denoiser canary target (empty: none)")
+    denoiser_canary_weight: float = setting(0.0, "share of requests sent to the canary", min=0, max=1)
+    vae_address: str = setting("127.0.0.1:50063", "vae target")
+    vae_canary_address: str = setting("", "vae canary target (empty: none)")
+    vae_canary_weight: float = setting(0.0, "share of requests sent to the canary", min=0, max=1)
+    default_model: str = setting("", "model used when a request names none (empty: the first registry id)")
+    default_scheduler: str = setting("euler", "scheduler used when a request names none")
+    default_steps: int = setting(30, "steps when a request sets none", min=1)
+    default_strength: float = setting(0.75, "img2img strength when a request sets none", min=0.01, max=1)
+    max_size: int = setting(2048, "largest width or height accepted", min=8)
+    max_steps: int = setting(150, "most steps a request may ask for", min=1)
+    max_count: int = setting(8, "most images per request", min=1)
+    max_guidance: float = setting(50.0, "largest guidance_scale accepted", min=0)
+    max_prompt_chars: int = setting(4000, "longest prompt accepted, in characters", min=1)
+    max_init_image_mb: int = setting(32, "largest init_image file accepted, MiB", min=1)
+    request_timeout_s: float = setting(600.0, "deadline for requests that carry none", min=1)
+
+    def validate(self) -> None:
+        if self.default_steps > self.max_steps:
+            raise ConfigError(f"default_steps: {self.default_steps} exceeds max_steps {self.max_steps}")
+        for stage in STAGES:
+            if not getattr(self, f"{stage}_address"):
+                raise ConfigError(f"{stage}_address: must be set")
+            if getattr(self, f"{stage}_canary_weight") > 0 and not getattr(self, f"{stage}_canary_address"):
+                raise ConfigError(f"{stage}_canary_weight: set but {stage}_canary_address is empty")
+
+    def limits(self) -> Limits:
+        return Limits(default_model=self.default_model, default_scheduler=self.default_scheduler,
+                      default_steps=self.default_steps, default_strength=self.default_strength,
+                      max_size=self.max_size, max_steps=self.max_steps, max_count=self.max_count,
+                      max_guidance=self.max_guidance, max_prompt_chars=self.max_prompt_chars,
+                      max_init_image_bytes=self.max_init_image_mb * 1024 * 1024)
+
+    def routes(self) -> list[StageRoute]:
+        return [StageRoute(stage, getattr(self, f"{stage}_address"), getattr(self, f"{stage}_canary_address"),
+                           getattr(self, f"{stage}_canary_weight")) for stage in STAGES]
+
+
+class OrchestratorStage:
+    name = "orchestrator"
+
+    def __init__(self, config: OrchestratorConfig) -> None:
+        self.config = config
+        self.servicer: OrchestratorServicer | None = None
+        self.router: StageRouter | None = None
+
+    def service_names(self) -> Sequence[str]:
+        return (orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name,)
+
+    def initialize(self) -> None:
+        catalog = ModelCatalog.load(self.config.registry)
+        if self.config.default_model and catalog.get(self.config.default_model) is None:
+            raise ConfigError(f"default_model: {self.config.default_model!r} is not in {self.config.registry}")
+        self.servicer.configure(self.config.limits(), catalog)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        # Channels are made here, on the server's event loop; the catalog arrives in initialize.
+        self.router = StageRouter(self.config.routes(), self.config.max_message_mb)
+        self.servicer = OrchestratorServicer(self.router, self.config.request_timeout_s)
+        orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self.servicer, server)
+
+    def finalize(self) -> None:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_stage(OrchestratorStage, OrchestratorConfig, sys.argv[1:] if argv is None else argv,
+                     "diffmesh-orchestrator")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Orchestrator gRPC servicer: the public API. Validates, plans, runs the stages."""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import AsyncIterator
+
+import grpc
+
+from diffmesh.proto.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from diffmesh.runtime.errors import MeshError
+from diffmesh.runtime.logs import log_event, prompt_hash
+from services.orchestrator.pipeline import Deadline, Generation
+from services.orchestrator.plan import Limits, ModelCatalog, plan_request
+from services.orchestrator.routing import StageRouter
+
+log = logging.getLogger("diffmesh.orchestrator")
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    def __init__(self, router: StageRouter, default_timeout_s: float) -> None:
+        self._router = router
+        self._default_timeout_s = default_timeout_s
+        self._limits: Limits | None = None
+        self._catalog: ModelCatalog | None = None
+
+    def configure(self, limits: Limits, catalog: ModelCatalog) -> None:
+        """Called once the registry is read (the runtime answers UNAVAILABLE until then)."""
+        self._limits = limits
+        self._catalog = catalog
+
+    def _generation(self, request: orchestrator_pb2.GenerateRequest,
+                    context: grpc.aio.ServicerContext) -> Generation:
+        request_id = uuid.uuid4().hex
+        plan = plan_request(request, self._limits, self._catalog, request_id)
+        remaining = context.time_remaining()
+        deadline = Deadline(self._default_timeout_s if remaining is None else remaining)
+        log_event(log, "generate", request_id=request_id, model=plan.model.entry.id, prompt=prompt_hash(plan.prompt),
+                  steps=plan.steps, scheduler=plan.scheduler, size=f"{plan.width}x{plan.height}",
+                  count=len(plan.seeds), img2img=plan.is_img2img)
+        return Generation(plan, self._router, deadline, request.request_key or request_id)
+
+    async def Generate(self, request: orchestrator_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> orchestrator_pb2.GenerateResponse:
+        generation = self._generation(request, context)
+        async for event in generation.run():
+            if event.HasField("result"):
+                return event.result
+        raise MeshError("generation ended without a result")
+
+    async def GenerateStream(self, request: orchestrator_pb2.GenerateRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[orchestrator_pb2.GenerateEvent]:
+        generation = self._generation(request, context)
+        async for event in generation.run():
+            yield event

@@ -1,0 +1,43 @@
+"""TextEncoder gRPC servicer: request -> ClipPromptEncoder.encode (through the cache) -> tensors."""
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from diffmesh.models.pool import ModelPool
+from diffmesh.proto.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+from diffmesh.runtime import codec
+from diffmesh.runtime.logs import elapsed_ms, prompt_hash
+from diffmesh.runtime.server import Admission
+from services.text_encoder.encoder import ClipPromptEncoder, EmbeddingCache
+
+
+class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
+    def __init__(self, models: ModelPool[ClipPromptEncoder], admission: Admission, cache: EmbeddingCache) -> None:
+        self._models = models
+        self._admission = admission
+        self._cache = cache
+
+    async def Encode(self, request: text_encoder_pb2.EncodeTextRequest,
+                     context: grpc.aio.ServicerContext) -> text_encoder_pb2.EncodeTextResponse:
+        start = time.perf_counter()
+        model = self._models.get(request.model_id)
+        negative = request.negative_prompt if request.HasField("negative_prompt") else None
+        key = (request.model_id, prompt_hash(request.prompt),
+               None if negative is None else prompt_hash(negative), request.with_negative)
+        embeddings = self._cache.get(key)
+        hit = embeddings is not None
+        if embeddings is None:
+            async with self._admission.slot():
+                embeddings = await self._admission.submit(
+                    model.encode, request.prompt, negative, request.with_negative)
+            self._cache.put(key, embeddings)
+        response = text_encoder_pb2.EncodeTextResponse(cache_hit=hit)
+        for name in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds"):
+            value = getattr(embeddings, name)
+            if value is not None:
+                getattr(response, name).CopyFrom(codec.from_torch(value))
+        response.compute_ms = elapsed_ms(start)
+        return response

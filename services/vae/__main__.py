@@ -1,0 +1,5 @@
+import sys
+
+from services.vae.main import main
+
+sys.exit(main())
