@@ -236,7 +236,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     """
     import torch
 
-    root = Path(root)
+    root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     builders = {SD15_ID: _build_sd15, SDXL_ID: _build_sdxl}
     built: dict[str, Path] = {}

@@ -1,0 +1,43 @@
+# diffmesh: `make demo` and `make test` work from a fresh clone (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv protos models demo test bench up down clean
+
+venv: $(STAMP)
+
+# torch goes first, pinned: an unpinned torch (or a package pinning another) pulls a CUDA build.
+# open_clip_torch only supplies CLIP's BPE vocabulary file; --no-deps keeps torchvision out.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	touch $(STAMP)
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+models: $(STAMP)
+	$(VENV)/bin/diffmesh models build-tiny
+
+demo: $(STAMP)
+	$(VENV)/bin/diffmesh demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP) models
+	$(PY) -m bench.run --out bench/results/bench.json
+
+up: $(STAMP)
+	@test -f .models/registry.yaml || $(VENV)/bin/diffmesh models build-tiny
+	$(VENV)/bin/diffmesh up
+
+down:
+	$(VENV)/bin/diffmesh down
+
+clean:
+	rm -rf .models .mesh out bench/results

@@ -1,0 +1,212 @@
+"""The `diffmesh` command: models, serve, generate, up/down, demo."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_MODELS_ROOT = Path(".models")
+DEFAULT_MESH_DIR = Path(".mesh")
+SERVABLE = ("text_encoder", "denoiser", "vae", "orchestrator")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from diffmesh.models.registry import ModelError, Registry
+
+    if args.models_command == "build-tiny":
+        from diffmesh.models.tiny import build_tiny_models
+
+        start = time.perf_counter()
+        built = build_tiny_models(Path(args.root))
+        for model_id, path in sorted(built.items()):
+            print(f"{model_id}\t{path}")
+        print(f"registry: {Path(args.root) / 'registry.yaml'} ({time.perf_counter() - start:.1f}s)")
+        return 0
+    try:
+        registry = Registry.load(Path(args.registry))
+    except ModelError as exc:
+        print(f"diffmesh models list: {exc}", file=sys.stderr)
+        return 1
+    for model_id in registry.ids():
+        print(f"{model_id}\t{registry.path_of(model_id)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    module = importlib.import_module(f"services.{args.stage}.main")
+    return module.main(list(rest))
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    from diffmesh.client import MeshClient, build_request
+
+    out = Path(args.out)
+    fmt = args.format or (out.suffix.lstrip(".").lower() or "png")
+    try:
+        request = build_request(
+            args.prompt, negative_prompt=args.negative_prompt, model=args.model, width=args.width,
+            height=args.height, steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance,
+            seed=args.seed, count=args.count, strength=args.strength, output_format=fmt,
+            init_image=Path(args.init_image) if args.init_image else None)
+    except (OSError, ValueError) as exc:
+        print(f"diffmesh generate: {exc}", file=sys.stderr)
+        return 2
+    result = None
+    bar = None
+    try:
+        with MeshClient(args.address) as client:
+            for event in client.generate_stream(request, timeout=args.timeout):
+                if event.HasField("progress"):
+                    if bar is None:
+                        bar = tqdm(total=event.progress.total_steps, unit="step", disable=args.json, file=sys.stderr)
+                    bar.update(event.progress.step - bar.n)
+                else:
+                    result = event.result
+    except grpc.RpcError as exc:
+        print(f"diffmesh generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+    if result is None:
+        print("diffmesh generate: the stream ended without a result", file=sys.stderr)
+        return 1
+    paths = _output_paths(out, len(result.images))
+    for path, image in zip(paths, result.images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.image.data)
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        info = MessageToDict(result.info, preserving_proto_field_name=True)
+        info["images"] = [{"path": str(p), "seed": img.seed, "index": img.index, "width": img.image.width,
+                           "height": img.image.height, "mime_type": img.image.mime_type}
+                          for p, img in zip(paths, result.images)]
+        print(json.dumps(info, indent=2))
+    else:
+        for path, image in zip(paths, result.images):
+            print(f"{path}  seed={image.seed}")
+        print(format_timings(result.info))
+    return 0
+
+
+def format_timings(info) -> str:
+    lines = [f"{'stage':<14}{'wall ms':>10}{'compute ms':>12}  variant"]
+    for t in info.timings:
+        lines.append(f"{t.stage:<14}{t.wall_ms:>10.1f}{t.compute_ms:>12.1f}  {t.variant}")
+    lines.append(f"{'total':<14}{info.total_ms:>10.1f}")
+    return "\n".join(lines)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from diffmesh.mesh import LocalMesh
+
+    workdir = Path(args.dir)
+    if (workdir / "state.json").exists():
+        print(f"a mesh is already up ({workdir / 'state.json'}); run `make down` first", file=sys.stderr)
+        return 1
+    mesh = LocalMesh(registry=Path(args.registry).resolve(), workdir=workdir)
+    mesh.start(detach=True)
+    mesh.save_state()
+    try:
+        mesh.wait_ready(args.timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"diffmesh up: {exc}", file=sys.stderr)
+        LocalMesh.stop_saved(workdir)
+        return 1
+    for stage in mesh.processes:
+        print(f"{stage:<14}{mesh.address(stage)}")
+    print(f"logs: {mesh.log_dir}/")
+    print(f"try:  diffmesh generate --prompt 'a photo of a cat' --address {mesh.address('orchestrator')}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from diffmesh.mesh import LocalMesh
+
+    stopped = LocalMesh.stop_saved(Path(args.dir))
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from diffmesh.cli.demo import run_demo
+
+    return run_demo(Path(args.root), Path(args.out), args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffmesh", description="A gRPC inference mesh for diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="build and list models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    build = models_sub.add_parser("build-tiny", help="write the deterministic tiny model set")
+    build.add_argument("--root", default=str(DEFAULT_MODELS_ROOT))
+    listing = models_sub.add_parser("list", help="print each model id with its directory")
+    listing.add_argument("--registry", default=str(DEFAULT_MODELS_ROOT / "registry.yaml"))
+
+    serve = sub.add_parser("serve", help="run one stage (flags after the stage go to it; --help lists them)",
+                           add_help=False)
+    serve.add_argument("stage", choices=SERVABLE)
+
+    gen = sub.add_parser("generate", help="generate images through a running mesh")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--model", default="")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--scheduler", default="")
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--count", type=int)
+    gen.add_argument("--init-image", help="image file to start from (img2img)")
+    gen.add_argument("--strength", type=float)
+    gen.add_argument("--format", choices=("png", "jpeg", "webp"), help="default: from --out's extension")
+    gen.add_argument("--out", default="out/image.png", help="with --count N: PATH-0.ext, PATH-1.ext, ...")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--timeout", type=float, default=600.0)
+    gen.add_argument("--json", action="store_true", help="print the response metadata as JSON")
+
+    up = sub.add_parser("up", help="start a local mesh that stays up (make up)")
+    up.add_argument("--registry", default=str(DEFAULT_MODELS_ROOT / "registry.yaml"))
+    up.add_argument("--dir", default=str(DEFAULT_MESH_DIR))
+    up.add_argument("--timeout", type=float, default=180.0)
+    down = sub.add_parser("down", help="stop the mesh `up` started (make down)")
+    down.add_argument("--dir", default=str(DEFAULT_MESH_DIR))
+
+    demo = sub.add_parser("demo", help="build tiny models, start the mesh, generate, stop (make demo)")
+    demo.add_argument("--root", default=str(DEFAULT_MODELS_ROOT))
+    demo.add_argument("--out", default="out/demo.png")
+    demo.add_argument("--model", default="tiny-sdxl")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return _serve(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    handlers = {"models": _models, "generate": _generate, "up": _up, "down": _down, "demo": _demo}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""A small synchronous client for the orchestrator's public API."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from diffmesh.proto.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from diffmesh.runtime.channels import channel_options, channel_target
+
+_FORMATS = {"png": common_pb2.PNG, "jpeg": common_pb2.JPEG, "jpg": common_pb2.JPEG, "webp": common_pb2.WEBP}
+
+
+def build_request(prompt: str, *, negative_prompt: str | None = None, model: str = "",
+                  width: int | None = None, height: int | None = None, steps: int | None = None,
+                  scheduler: str = "", guidance_scale: float | None = None, seed: int | None = None,
+                  count: int | None = None, init_image: bytes | Path | None = None,
+                  strength: float | None = None, output_format: str = "png", quality: int = 0,
+                  request_key: str = "") -> orchestrator_pb2.GenerateRequest:
+    request = orchestrator_pb2.GenerateRequest(prompt=prompt, model=model, scheduler=scheduler,
+                                               quality=quality, request_key=request_key)
+    fmt = _FORMATS.get(output_format.lower())
+    if fmt is None:
+        raise ValueError(f"output_format must be one of {', '.join(_FORMATS)}, got {output_format!r}")
+    request.output_format = fmt
+    optional = dict(negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                    guidance_scale=guidance_scale, seed=seed, count=count, strength=strength)
+    for name, value in optional.items():
+        if value is not None:
+            setattr(request, name, value)
+    if init_image is not None:
+        request.init_image = Path(init_image).read_bytes() if isinstance(init_image, Path) else init_image
+    return request
+
+
+def wait_for_serving(address: str, timeout: float = 60.0, service: str = "") -> None:
+    """Blocks until the server at address reports SERVING; TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(channel_target(address)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s")
+            time.sleep(0.1)
+
+
+class MeshClient:
+    def __init__(self, address: str = "127.0.0.1:50051", max_message_mb: int = 256) -> None:
+        self._channel = grpc.insecure_channel(channel_target(address), options=channel_options(max_message_mb))
+        self.stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+
+    def generate(self, request: orchestrator_pb2.GenerateRequest,
+                 timeout: float | None = None) -> orchestrator_pb2.GenerateResponse:
+        return self.stub.Generate(request, timeout=timeout)
+
+    def generate_stream(self, request: orchestrator_pb2.GenerateRequest,
+                        timeout: float | None = None) -> Iterator[orchestrator_pb2.GenerateEvent]:
+        return self.stub.GenerateStream(request, timeout=timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MeshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
