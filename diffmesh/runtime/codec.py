@@ -22,6 +22,7 @@ DType = tensor_pb2.DType
 Tensor = tensor_pb2.Tensor
 
 MAX_RANK = 8
+_MAX_BYTES = np.iinfo(np.intp).max
 
 # torch warns whenever it wraps a read-only buffer; read-only is exactly what we want here (the
 # bytes belong to the protobuf message) and stage code never writes into decoded inputs.
@@ -76,6 +77,10 @@ def _check_header(t: Tensor, field: str, dtypes: Iterable[int] | None, rank: int
         raise InvalidArgument(f"{field}.shape", shape, f"expected rank {rank}")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape", shape, "negative dimension")
+    # numpy and torch refuse a shape whose non-zero dimensions overflow the address space even
+    # when another dimension is 0 (so the byte count would match an empty payload).
+    if math.prod(d for d in shape if d) * kind.numpy.itemsize > _MAX_BYTES:
+        raise InvalidArgument(f"{field}.shape", shape, "too many elements")
     expected = math.prod(shape) * kind.numpy.itemsize
     if expected != len(t.data):
         raise InvalidArgument(

@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny model set and one running mesh per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffmesh.mesh import STAGES, LocalMesh, free_port
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a freshly built tiny model set; registry at root / "registry.yaml"."""
+    from diffmesh.models.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("models")
+    build_tiny_models(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def registry(tiny_models: Path) -> Path:
+    return tiny_models / "registry.yaml"
+
+
+@pytest.fixture(scope="session")
+def mesh(registry: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Every stage as its own process on loopback, shared by the whole session."""
+    local = LocalMesh(registry=registry, workdir=tmp_path_factory.mktemp("mesh"),
+                      ports={stage: free_port() for stage in STAGES},
+                      extra_args={"denoiser": ["--max-concurrency", "2"]})
+    local.start()
+    try:
+        local.wait_ready(timeout=180)
+        yield local
+    finally:
+        codes = local.stop()
+        assert all(code == 0 for code in codes.values()), f"unclean stop: {codes}"
+
+
+@pytest.fixture(scope="session")
+def client(mesh: LocalMesh):
+    from diffmesh.client import MeshClient
+
+    with MeshClient(mesh.address("orchestrator")) as mesh_client:
+        yield mesh_client
