@@ -144,8 +144,10 @@ class _ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handle
 
 
-async def serve(stage: Stage, config: ServerConfig) -> int:
-    """Runs a stage until SIGTERM/SIGINT; returns the process exit code."""
+async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None = None,
+                on_bound: Callable[[int], None] | None = None) -> int:
+    """Runs a stage until SIGTERM/SIGINT (or until `stop` is set, for in-process use); returns
+    the process exit code."""
     interceptor = _ErrorInterceptor()
     server = grpc.aio.server(interceptors=[interceptor],
                              options=channel_options(config.max_message_mb))
@@ -166,10 +168,13 @@ async def serve(stage: Stage, config: ServerConfig) -> int:
     await server.start()
     log_event(log, "listening", stage=stage.name, host=config.host, port=bound)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if on_bound is not None:
+        on_bound(bound)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
 
     try:
         await asyncio.to_thread(stage.initialize)

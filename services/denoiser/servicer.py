@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -13,14 +14,20 @@ import torch
 from diffmesh.models.schedulers import lookup_scheduler, scheduler_names
 from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
 from diffmesh.runtime import codec
-from diffmesh.runtime.errors import InvalidArgument
-from diffmesh.runtime.logs import elapsed_ms
+from diffmesh.runtime.errors import Cancelled, InvalidArgument
+from diffmesh.runtime.logs import elapsed_ms, log_event
 from diffmesh.runtime.server import Admission
 from services.denoiser.sampler import (Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds,
                                        generators_from_states)
 
 _FLOATS = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16)
 _DONE = object()
+log = logging.getLogger("diffmesh.denoiser")
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a cancelled loop's Cancelled is expected, not an error
 
 
 def _optional_tensor(request: denoiser_pb2.DenoiseRequest, name: str) -> torch.Tensor | None:
@@ -92,6 +99,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             def run() -> torch.Tensor:
                 try:
                     return model.denoise(job, on_step, cancel)
+                except Cancelled as exc:
+                    log_event(log, "denoise cancelled", model=request.model_id, detail=str(exc))
+                    raise
                 finally:
                     loop.call_soon_threadsafe(events.put_nowait, _DONE)
 
@@ -101,7 +111,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     yield denoiser_pb2.DenoiseEvent(progress=event)
                 latents = await future
             finally:
-                # The caller cancelled or went away: stop the loop at its next step.
+                # The caller cancelled or went away: stop the loop at its next step (its outcome
+                # is then logged, not returned).
                 cancel.set()
+                future.add_done_callback(_consume)
             result = denoiser_pb2.DenoiseResult(latents=codec.from_torch(latents), compute_ms=elapsed_ms(start))
             yield denoiser_pb2.DenoiseEvent(result=result)
