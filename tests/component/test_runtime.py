@@ -238,9 +238,16 @@ def test_round_robin_spreads_calls_over_every_replica(serving):
     async def call_many():
         channel = open_channel(target)
         stub = vae_pb2_grpc.VaeStub(channel)
+        # Until both subchannels are connected the first ones take everything; pick_first would
+        # never reach the second replica at all.
+        for _ in range(100):
+            if all(r.stage.servicer.calls for r in replicas):
+                break
+            await stub.Decode(decode_request(), timeout=10)
+        before = [r.stage.servicer.calls for r in replicas]
         for _ in range(10):
             await stub.Decode(decode_request(), timeout=10)
         await channel.close()
+        return [r.stage.servicer.calls - b for r, b in zip(replicas, before)]
 
-    asyncio.run(call_many())
-    assert [r.stage.servicer.calls for r in replicas] == [5, 5]
+    assert asyncio.run(call_many()) == [5, 5]
