@@ -162,3 +162,24 @@ def test_cli_reports_invalid_argument(mesh):
     done = run_cli("generate", "--prompt", "x", "--steps", "0", "--address", mesh.address("orchestrator"))
     assert done.returncode == 1
     assert "INVALID_ARGUMENT" in done.stderr and "steps" in done.stderr
+
+
+def test_text_encoder_cache_hits_on_the_same_model_and_prompt(mesh):
+    from diffmesh.proto.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+
+    with grpc.insecure_channel(mesh.address("text_encoder")) as channel:
+        stub = text_encoder_pb2_grpc.TextEncoderStub(channel)
+
+        def encode(model, prompt, negative=None):
+            request = text_encoder_pb2.EncodeTextRequest(model_id=model, prompt=prompt, with_negative=True)
+            if negative is not None:
+                request.negative_prompt = negative
+            return stub.Encode(request, timeout=30)
+
+        first = encode("tiny-sdxl", "a unique cache probe")
+        second = encode("tiny-sdxl", "a unique cache probe")
+        assert not first.cache_hit and second.cache_hit
+        assert second.prompt_embeds.data == first.prompt_embeds.data
+        assert not encode("tiny-sd15", "a unique cache probe").cache_hit  # keyed by model
+        assert not encode("tiny-sdxl", "a unique cache probe", "").cache_hit  # and by negative prompt
+        assert list(first.prompt_embeds.shape) == [1, 77, 48] and list(first.pooled_prompt_embeds.shape) == [1, 32]
