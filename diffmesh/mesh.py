@@ -17,6 +17,10 @@ STAGES = ("text_encoder", "denoiser", "vae", "orchestrator")
 DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50061, "denoiser": 50062, "vae": 50063}
 
 
+def free_ports(stages=STAGES) -> dict[str, int]:
+    return {stage: free_port() for stage in stages}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -28,6 +32,7 @@ class LocalMesh:
     registry: Path
     workdir: Path
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -42,6 +47,8 @@ class LocalMesh:
     def command(self, stage: str) -> list[str]:
         args = [sys.executable, "-m", f"services.{stage}", "--port", str(self.ports[stage]),
                 "--registry", str(self.registry)]
+        if stage in self.metrics_ports:
+            args += ["--metrics-port", str(self.metrics_ports[stage])]
         if stage == "orchestrator":
             for name in STAGES[:-1]:
                 args += [f"--{name.replace('_', '-')}-address", self.address(name)]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from diffmesh.mesh import STAGES, LocalMesh, free_port
+from diffmesh.devtools.otlp_receiver import Receiver
+from diffmesh.mesh import LocalMesh, free_ports
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +25,19 @@ def registry(tiny_models: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mesh(registry: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Every stage as its own process on loopback, shared by the whole session."""
-    local = LocalMesh(registry=registry, workdir=tmp_path_factory.mktemp("mesh"),
-                      ports={stage: free_port() for stage in STAGES},
+def otlp_receiver():
+    """A real OTLP/gRPC trace receiver the session's mesh exports its spans to."""
+    receiver = Receiver()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def mesh(registry: Path, tmp_path_factory: pytest.TempPathFactory, otlp_receiver: Receiver):
+    """Every stage as its own process on loopback, shared by the whole session: tracing to the
+    session's OTLP receiver, metrics on their own ports."""
+    local = LocalMesh(registry=registry, workdir=tmp_path_factory.mktemp("mesh"), ports=free_ports(),
+                      metrics_ports=free_ports(), env=otlp_receiver.exporter_env(),
                       extra_args={"denoiser": ["--max-concurrency", "2"]})
     local.start()
     try:

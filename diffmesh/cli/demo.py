@@ -1,4 +1,5 @@
-"""`make demo`: tiny models -> a mesh of processes -> one image -> per-stage timings -> clean stop."""
+"""`make demo`: tiny models -> a mesh of processes -> one image -> per-stage timings and the
+request's trace as a waterfall -> clean stop."""
 from __future__ import annotations
 
 import tempfile
@@ -6,7 +7,8 @@ import time
 from pathlib import Path
 
 from diffmesh.client import MeshClient, build_request
-from diffmesh.mesh import STAGES, LocalMesh, free_port
+from diffmesh.devtools.otlp_receiver import Receiver, format_waterfall, write_spans
+from diffmesh.mesh import STAGES, LocalMesh, free_ports
 
 
 def run_demo(models_root: Path, out: Path, model: str) -> int:
@@ -17,9 +19,9 @@ def run_demo(models_root: Path, out: Path, model: str) -> int:
     if not registry.exists():
         print(f"building the tiny model set in {models_root}/ ...")
         build_tiny_models(models_root)
+    receiver = Receiver()  # stands in for an OpenTelemetry Collector
     workdir = Path(tempfile.mkdtemp(prefix="diffmesh-demo-"))
-    mesh = LocalMesh(registry=registry.resolve(), workdir=workdir,
-                     ports={stage: free_port() for stage in STAGES})
+    mesh = LocalMesh(registry=registry.resolve(), workdir=workdir, ports=free_ports(), env=receiver.exporter_env())
     print("starting " + ", ".join(f"{s} ({mesh.address(s)})" for s in STAGES))
     start = time.perf_counter()
     mesh.start()
@@ -42,7 +44,15 @@ def run_demo(models_root: Path, out: Path, model: str) -> int:
         print(f"wrote {out} ({info.width}x{info.height}, model {info.model}, {info.scheduler}, "
               f"{info.steps} steps, seed {result.images[0].seed})")
         print(format_timings(info))
+        services = {f"diffmesh-{stage.replace('_', '-')}" for stage in STAGES}
+        spans = receiver.collector.wait_for(info.trace_id, services)
+        trace_file = out.with_name(out.stem + "-trace.json")
+        write_spans(spans, trace_file)
+        print(f"\ntrace {info.trace_id}: {len(spans)} spans from {len({s.service for s in spans})} services "
+              f"(written to {trace_file})")
+        print(format_waterfall(spans))
     finally:
         codes = mesh.stop()
+        receiver.stop()
         print("stopped: " + ", ".join(f"{stage} exit {code}" for stage, code in codes.items()))
     return 0 if all(code == 0 for code in codes.values()) else 1

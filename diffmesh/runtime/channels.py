@@ -5,6 +5,8 @@ import json
 
 import grpc
 
+from diffmesh.runtime import telemetry
+
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:")
 
 
@@ -46,4 +48,5 @@ def open_channel(address: str, max_message_mb: int = 256) -> grpc.aio.Channel:
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", 30_000),
     ]
-    return grpc.aio.insecure_channel(channel_target(address), options=options)
+    return grpc.aio.insecure_channel(channel_target(address), options=options,
+                                     interceptors=telemetry.client_interceptors())

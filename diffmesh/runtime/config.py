@@ -52,6 +52,9 @@ class ServerConfig:
     max_concurrency: int = setting(1, "requests computing at once; more wait in the queue", min=1)
     max_queue: int = setting(64, "requests allowed to wait; beyond it RESOURCE_EXHAUSTED", min=0)
     log_level: str = setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    metrics_port: int = setting(0, "Prometheus metrics HTTP port (0: no metrics endpoint)", min=0, max=65535)
+    variant: str = setting("stable", "which replica set this process belongs to (reported per call)",
+                           choices=("stable", "canary"))
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from diffmesh.runtime.telemetry import current_ids
+
 _service_name = "diffmesh"
 
 
@@ -20,6 +22,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        ids = current_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)

@@ -1,4 +1,5 @@
-"""Server bootstrap every service runs: grpc.aio, health, reflection, errors, admission, drain.
+"""Server bootstrap every service runs: grpc.aio, health, reflection, tracing, metrics, errors,
+admission, drain.
 
 A stage implements the `Stage` lifecycle (Triton-style): `initialize` loads models (the health
 service says NOT_SERVING until it returns), `register` adds the stage's servicers, `finalize`
@@ -7,18 +8,23 @@ releases resources after the drain. `run_stage` does the rest, identically for e
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
-from diffmesh.runtime import errors
+from diffmesh.proto.v1 import common_pb2
+from diffmesh.runtime import errors, metrics, telemetry
 from diffmesh.runtime.channels import channel_options
 from diffmesh.runtime.config import ConfigError, ServerConfig, load_config
 from diffmesh.runtime.device import configure_threads
@@ -49,44 +55,82 @@ class Stage(Protocol):
         """Releases resources after in-flight calls have drained."""
 
 
+@dataclass
+class Usage:
+    """What one call cost inside the stage: filled in by Admission, reported in the response."""
+
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+
+
 class Admission:
-    """Bounds concurrent compute and the queue in front of it (RESOURCE_EXHAUSTED beyond).
+    """Bounds concurrent compute and the queue in front of it (RESOURCE_EXHAUSTED beyond),
+    and measures each call's queue wait and compute time.
 
     Compute runs on a dedicated thread pool so the event loop keeps answering health checks,
     streaming progress and noticing cancellations while a model runs.
     """
 
-    def __init__(self, max_concurrency: int, max_queue: int) -> None:
+    def __init__(self, stage: str, max_concurrency: int, max_queue: int) -> None:
+        self.stage = stage
+        self.device = "cpu"
+        self.variant = "stable"
         self._slots = asyncio.Semaphore(max_concurrency)
         self._max_waiting = max_queue
         self._waiting = 0
         self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="compute")
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self) -> AsyncIterator[Usage]:
         if self._slots.locked() and self._waiting >= self._max_waiting:
             raise errors.ResourceExhausted(
-                f"stage at capacity: {self._waiting} requests already queued (max_queue)")
+                f"{self.stage} at capacity: {self._waiting} requests already queued (max_queue)")
+        usage = Usage()
+        start = time.perf_counter()
         self._waiting += 1
+        metrics.QUEUE_DEPTH.labels(self.stage).set(self._waiting)
         try:
-            await self._slots.acquire()
+            with telemetry.tracer().start_as_current_span("queue_wait"):
+                await self._slots.acquire()
         finally:
             self._waiting -= 1
+            metrics.QUEUE_DEPTH.labels(self.stage).set(self._waiting)
+        usage.queue_ms = (time.perf_counter() - start) * 1000.0
+        metrics.QUEUE_WAIT.labels(self.stage).observe(usage.queue_ms / 1000.0)
         try:
-            yield
+            yield usage
         finally:
             self._slots.release()
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
-        """Starts fn on the compute pool now; await the returned future for its result."""
-        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    def submit(self, usage: Usage, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+        """Starts fn on the compute pool now, in the caller's trace context; adds its run time to
+        usage.compute_ms. Await the returned future for the result."""
+        context = contextvars.copy_context()
+
+        def timed() -> T:
+            start = time.perf_counter()
+            try:
+                return context.run(fn, *args)
+            finally:
+                elapsed = time.perf_counter() - start
+                usage.compute_ms += elapsed * 1000.0
+                metrics.COMPUTE.labels(self.stage).observe(elapsed)
+
+        return asyncio.get_running_loop().run_in_executor(self.executor, timed)
+
+    def report(self, usage: Usage) -> common_pb2.StageUsage:
+        return common_pb2.StageUsage(compute_ms=usage.compute_ms, queue_ms=usage.queue_ms, device=self.device,
+                                     variant=self.variant, instance_id=telemetry.instance_id())
 
 
-class _ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns MeshError into its status code and any other exception into INTERNAL (logged), so a
-    bad request never takes the process down; also answers UNAVAILABLE until models are loaded."""
+class _ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Per call, for every stage's own services: answers UNAVAILABLE until models are loaded;
+    turns MeshError into its status code and any other exception into INTERNAL (logged once), so
+    a bad request never takes the process down; records request metrics and payload sizes."""
 
-    def __init__(self) -> None:
+    def __init__(self, stage: str, variant: str) -> None:
+        self.stage = stage
+        self.variant = variant
         self.ready = False
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
@@ -107,40 +151,82 @@ class _ErrorInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer)
         return handler
 
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    def _begin(self, method: str, request: Any) -> float:
+        if not self.ready:
+            raise errors.Unavailable(f"{self.stage}: models are still loading")
+        size = request.ByteSize()
+        metrics.IN_FLIGHT.labels(self.stage, method).inc()
+        metrics.PAYLOAD.labels(self.stage, method, "in").inc(size)
+        span = trace.get_current_span()
+        span.set_attribute("diffmesh.variant", self.variant)
+        span.set_attribute("diffmesh.payload.bytes_in", size)
+        return time.perf_counter()
+
+    def _end(self, method: str, start: float, code: str, bytes_out: int) -> None:
+        elapsed = time.perf_counter() - start
+        metrics.IN_FLIGHT.labels(self.stage, method).dec()
+        metrics.REQUESTS.labels(self.stage, method, code).inc()
+        metrics.LATENCY.labels(self.stage, method).observe(elapsed, exemplar=metrics.exemplar())
+        metrics.PAYLOAD.labels(self.stage, method, "out").inc(bytes_out)
+        trace.get_current_span().set_attribute("diffmesh.payload.bytes_out", bytes_out)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> str:
         if isinstance(exc, errors.MeshError):
             code = getattr(grpc.StatusCode, exc.code)
             level = logging.WARNING if code == grpc.StatusCode.INVALID_ARGUMENT else logging.ERROR
             log_event(log, "request failed", level, method=method, code=exc.code, error=str(exc))
             await context.abort(code, str(exc))
-        log.exception("unexpected error in %s", method)
+        log.exception("unexpected error in %s", method, extra={"fields": {"method": method, "code": "INTERNAL"}})
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
 
-    def _check_ready(self) -> None:
-        if not self.ready:
-            raise errors.Unavailable("models are still loading")
+    @staticmethod
+    def _code_of(exc: BaseException) -> str:
+        if isinstance(exc, errors.MeshError):
+            return exc.code
+        if isinstance(exc, asyncio.CancelledError):
+            return "CANCELLED"
+        return "INTERNAL"
 
     def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start, code, bytes_out = None, "OK", 0
             try:
-                self._check_ready()
-                return await behavior(request, context)
+                start = self._begin(method, request)
+                response = await behavior(request, context)
+                bytes_out = response.ByteSize()
+                return response
             except grpc.aio.AbortError:
+                code = "ABORTED_BY_HANDLER"
                 raise
-            except Exception as exc:  # noqa: BLE001 - the point is to catch everything
-                await self._fail(context, exc, method)
+            except BaseException as exc:
+                code = self._code_of(exc)
+                if isinstance(exc, Exception):
+                    await self._fail(context, exc, method)
+                raise
+            finally:
+                if start is not None:
+                    self._end(method, start, code, bytes_out)
         return handle
 
     def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start, code, bytes_out = None, "OK", 0
             try:
-                self._check_ready()
+                start = self._begin(method, request)
                 async for item in behavior(request, context):
+                    bytes_out += item.ByteSize()
                     yield item
             except grpc.aio.AbortError:
+                code = "ABORTED_BY_HANDLER"
                 raise
-            except Exception as exc:  # noqa: BLE001
-                await self._fail(context, exc, method)
+            except BaseException as exc:
+                code = self._code_of(exc)
+                if isinstance(exc, Exception):
+                    await self._fail(context, exc, method)
+                raise
+            finally:
+                if start is not None:
+                    self._end(method, start, code, bytes_out)
         return handle
 
 
@@ -148,8 +234,10 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
                 on_bound: Callable[[int], None] | None = None) -> int:
     """Runs a stage until SIGTERM/SIGINT (or until `stop` is set, for in-process use); returns
     the process exit code."""
-    interceptor = _ErrorInterceptor()
-    server = grpc.aio.server(interceptors=[interceptor],
+    interceptor = _ServiceInterceptor(stage.name, config.variant)
+    # The tracing interceptor goes first so its server span encloses the error mapping and sees
+    # the final status code.
+    server = grpc.aio.server(interceptors=[telemetry.server_interceptor(), interceptor],
                              options=channel_options(config.max_message_mb))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -160,14 +248,16 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
         server)
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics.READY.labels(stage.name).set(0)
 
     bound = server.add_insecure_port(f"{config.host}:{config.port}")
     if bound == 0:
         log_event(log, "cannot bind", logging.ERROR, host=config.host, port=config.port)
         return 1
     await server.start()
-    log_event(log, "listening", stage=stage.name, host=config.host, port=bound)
-
+    if config.metrics_port:
+        metrics.start_metrics_server(config.host, config.metrics_port)
+    log_event(log, "listening", stage=stage.name, host=config.host, port=bound, metrics_port=config.metrics_port)
     if on_bound is not None:
         on_bound(bound)
     if stop is None:
@@ -186,11 +276,13 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     interceptor.ready = True
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics.READY.labels(stage.name).set(1)
     log_event(log, "serving", stage=stage.name, port=bound)
 
     await stop.wait()
     log_event(log, "draining", stage=stage.name, grace_s=config.grace_period_s)
     await health_servicer.enter_graceful_shutdown()
+    metrics.READY.labels(stage.name).set(0)
     await server.stop(config.grace_period_s)
     stage.finalize()
     log_event(log, "stopped", stage=stage.name)
@@ -199,12 +291,20 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
 
 def run_stage(make_stage: Callable[[C], Stage], config_cls: type[C], argv: Sequence[str],
               prog: str) -> int:
-    """Entry point shared by every service: config, logging, threads, then serve."""
+    """Entry point shared by every service: config, logging, tracing, threads, then serve."""
     try:
         config = load_config(config_cls, argv, prog=prog)
     except ConfigError as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(prog, config.log_level)
+    try:
+        telemetry.setup_tracing(prog, config.variant)
+    except ValueError as exc:
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        return 2
     configure_threads(config.torch_threads)
-    return asyncio.run(serve(make_stage(config), config))
+    try:
+        return asyncio.run(serve(make_stage(config), config))
+    finally:
+        telemetry.shutdown_tracing()

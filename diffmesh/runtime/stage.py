@@ -11,6 +11,7 @@ from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import ModelEntry
 from diffmesh.runtime.config import ServerConfig
 from diffmesh.runtime.device import select_device, select_dtype
+from diffmesh.runtime import metrics
 from diffmesh.runtime.logs import log_event
 from diffmesh.runtime.server import Admission
 
@@ -25,7 +26,8 @@ class ModelStage(Generic[M]):
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.models: ModelPool[M] = ModelPool()
-        self.admission = Admission(config.max_concurrency, config.max_queue)
+        self.admission = Admission(self.name, config.max_concurrency, config.max_queue)
+        self.admission.variant = config.variant
 
     def service_names(self) -> Sequence[str]:
         return self.service_full_names
@@ -36,8 +38,11 @@ class ModelStage(Generic[M]):
     def initialize(self) -> None:
         device = select_device(self.config.device)
         dtype = select_dtype(self.config.dtype, device)
+        self.admission.device = str(device)
         self.models.load(self.config.registry, self.config.models,
                          lambda entry: self.load_model(entry, device, dtype))
+        for model_id in self.models.ids():
+            metrics.MODEL_LOADED.labels(self.name, model_id).set(1)
         log_event(log, "models loaded", stage=self.name, models=self.models.ids(),
                   device=str(device), dtype=str(dtype))
 

@@ -13,10 +13,11 @@ import torch
 
 from diffmesh.models.schedulers import lookup_scheduler, scheduler_names
 from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
-from diffmesh.runtime import codec
+from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.runtime.errors import Cancelled, InvalidArgument
 from diffmesh.runtime.logs import elapsed_ms, log_event
 from diffmesh.runtime.server import Admission
+from diffmesh.runtime.telemetry import annotate
 from services.denoiser.sampler import (Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds,
                                        generators_from_states)
 
@@ -85,27 +86,42 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         model: UNetDenoiser = self._models.get(request.model_id)
         job = job_from_request(request, self._max_steps, self._max_batch)
         model.check_job(job)  # reject before queueing, not after the wait
-        async with self._admission.slot():
+        attributes = {"diffmesh.model": request.model_id, "diffmesh.scheduler": request.scheduler,
+                      "diffmesh.steps": request.steps, "diffmesh.size": f"{request.width}x{request.height}",
+                      "diffmesh.batch_size": job.count, "diffmesh.img2img": job.init_latents is not None}
+        annotate(**attributes)
+        metrics.BATCH_SIZE.labels("denoiser").observe(job.count)
+        async with self._admission.slot() as usage:
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
             cancel = threading.Event()
             start = time.perf_counter()
-
-            def on_step(step: int, total: int, timestep: float) -> None:
-                progress = denoiser_pb2.DenoiseProgress(step=step, total_steps=total, timestep=timestep,
-                                                        elapsed_ms=elapsed_ms(start))
-                loop.call_soon_threadsafe(events.put_nowait, progress)
+            steps_done = metrics.DENOISE_STEPS.labels(request.model_id)
 
             def run() -> torch.Tensor:
-                try:
-                    return model.denoise(job, on_step, cancel)
-                except Cancelled as exc:
-                    log_event(log, "denoise cancelled", model=request.model_id, detail=str(exc))
-                    raise
-                finally:
-                    loop.call_soon_threadsafe(events.put_nowait, _DONE)
+                counted = [0]
+                with telemetry.tracer().start_as_current_span("sampling_loop", attributes=attributes) as span:
+                    def on_step(step: int, total: int, timestep: float) -> None:
+                        counted[0] = step
+                        span.add_event("step", {"step": step, "timestep": timestep})
+                        steps_done.inc()
+                        progress = denoiser_pb2.DenoiseProgress(step=step, total_steps=total, timestep=timestep,
+                                                                elapsed_ms=elapsed_ms(start))
+                        loop.call_soon_threadsafe(events.put_nowait, progress)
 
-            future = self._admission.submit(run)
+                    try:
+                        loop_start = time.perf_counter()
+                        latents = model.denoise(job, on_step, cancel)
+                        rate = counted[0] / max(time.perf_counter() - loop_start, 1e-9)
+                        metrics.DENOISE_STEP_RATE.labels(request.model_id).set(rate)
+                        return latents
+                    except Cancelled as exc:
+                        log_event(log, "denoise cancelled", model=request.model_id, detail=str(exc))
+                        raise
+                    finally:
+                        loop.call_soon_threadsafe(events.put_nowait, _DONE)
+
+            future = self._admission.submit(usage, run)
             try:
                 while (event := await events.get()) is not _DONE:
                     yield denoiser_pb2.DenoiseEvent(progress=event)
@@ -115,5 +131,5 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 # is then logged, not returned).
                 cancel.set()
                 future.add_done_callback(_consume)
-            result = denoiser_pb2.DenoiseResult(latents=codec.from_torch(latents), compute_ms=elapsed_ms(start))
+            result = denoiser_pb2.DenoiseResult(latents=codec.from_torch(latents), usage=self._admission.report(usage))
             yield denoiser_pb2.DenoiseEvent(result=result)

@@ -3,24 +3,26 @@
 txt2img:  text_encoder -> denoiser -> vae.decode
 img2img:  text_encoder, vae.encode (together) -> denoiser (continuing each image's random
           stream from vae.encode) -> vae.decode
+
+Every stage call gets its own span (with the variant that served it) around the gRPC client
+span, and a StageTiming with its wall time, the stage's reported compute and queue time, and the
+bytes moved each way: the request's cost.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
 from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, orchestrator_pb2, text_encoder_pb2,
                                text_encoder_pb2_grpc, vae_pb2, vae_pb2_grpc)
-from diffmesh.runtime import codec
+from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.runtime.errors import MeshError
 from diffmesh.runtime.logs import elapsed_ms
 from services.orchestrator.plan import GenerationPlan
 from services.orchestrator.routing import StageRouter
-
-T = TypeVar("T")
 
 
 class StageCallError(MeshError):
@@ -41,6 +43,13 @@ class Deadline:
         return max(self._end - time.monotonic(), 0.001)
 
 
+def _timing(stage: str, variant: str, start: float, usage: common_pb2.StageUsage, sent: int,
+            received: int) -> common_pb2.StageTiming:
+    return common_pb2.StageTiming(stage=stage, wall_ms=elapsed_ms(start), compute_ms=usage.compute_ms,
+                                  queue_ms=usage.queue_ms, variant=usage.variant or variant, bytes_sent=sent,
+                                  bytes_received=received, device=usage.device, instance_id=usage.instance_id)
+
+
 class Generation:
     def __init__(self, plan: GenerationPlan, router: StageRouter, deadline: Deadline, request_key: str) -> None:
         self.plan = plan
@@ -49,37 +58,41 @@ class Generation:
         self.key = request_key
         self.timings: list[common_pb2.StageTiming] = []
 
-    async def _timed(self, stage: str, variant: str, call: Callable[[], Awaitable[T]],
-                     compute_ms: Callable[[T], float]) -> T:
-        start = time.perf_counter()
-        try:
-            result = await call()
-        except grpc.aio.AioRpcError as exc:
-            raise StageCallError(stage, exc) from exc
-        self.timings.append(common_pb2.StageTiming(stage=stage, wall_ms=elapsed_ms(start),
-                                                   compute_ms=compute_ms(result), variant=variant))
-        return result
+    def _record(self, timing: common_pb2.StageTiming, span: Any) -> None:
+        self.timings.append(timing)
+        span.set_attributes({"diffmesh.variant": timing.variant, "diffmesh.device": timing.device,
+                             "diffmesh.compute_ms": timing.compute_ms, "diffmesh.queue_ms": timing.queue_ms,
+                             "diffmesh.payload.bytes_sent": timing.bytes_sent,
+                             "diffmesh.payload.bytes_received": timing.bytes_received})
+
+    async def _unary(self, stage: str, route: str, stub_cls: Callable, method: str, request: Any) -> Any:
+        variant, stub = self.router.stub(route, self.key, stub_cls)
+        with telemetry.tracer().start_as_current_span(f"stage {stage}", attributes={"diffmesh.stage": stage}) as span:
+            start = time.perf_counter()
+            try:
+                response = await getattr(stub, method)(request, timeout=self.deadline.remaining())
+            except grpc.aio.AioRpcError as exc:
+                metrics.STAGE_CALLS.labels(route, variant, exc.code().name).inc()
+                raise StageCallError(stage, exc) from exc
+            metrics.STAGE_CALLS.labels(route, variant, "OK").inc()
+            self._record(_timing(stage, variant, start, response.usage, request.ByteSize(), response.ByteSize()), span)
+            return response
 
     async def encode_text(self) -> text_encoder_pb2.EncodeTextResponse:
         plan = self.plan
-        variant, stub = self.router.stub("text_encoder", self.key, text_encoder_pb2_grpc.TextEncoderStub)
         request = text_encoder_pb2.EncodeTextRequest(model_id=plan.model.entry.id, prompt=plan.prompt,
                                                      with_negative=plan.guided)
         if plan.negative_prompt is not None:
             request.negative_prompt = plan.negative_prompt
-        return await self._timed("text_encoder", variant,
-                                 lambda: stub.Encode(request, timeout=self.deadline.remaining()),
-                                 lambda r: r.compute_ms)
+        return await self._unary("text_encoder", "text_encoder", text_encoder_pb2_grpc.TextEncoderStub, "Encode",
+                                 request)
 
     async def encode_image(self) -> vae_pb2.EncodeImageResponse:
         plan = self.plan
-        variant, stub = self.router.stub("vae", self.key, vae_pb2_grpc.VaeStub)
         request = vae_pb2.EncodeImageRequest(
             model_id=plan.model.entry.id, pixels=codec.from_numpy(plan.init_pixels),
             width=plan.width, height=plan.height, sampling=vae_pb2.SAMPLE, seeds=plan.seeds)
-        return await self._timed("vae.encode", variant,
-                                 lambda: stub.Encode(request, timeout=self.deadline.remaining()),
-                                 lambda r: r.compute_ms)
+        return await self._unary("vae.encode", "vae", vae_pb2_grpc.VaeStub, "Encode", request)
 
     def denoise_request(self, text: text_encoder_pb2.EncodeTextResponse,
                         image: vae_pb2.EncodeImageResponse | None) -> denoiser_pb2.DenoiseRequest:
@@ -97,6 +110,39 @@ class Generation:
             request.strength = plan.strength
         return request
 
+    async def denoise(self, request: denoiser_pb2.DenoiseRequest,
+                      start: float) -> AsyncIterator[orchestrator_pb2.GenerateEvent | denoiser_pb2.DenoiseResult]:
+        """Yields progress events as they arrive, then the denoiser's result."""
+        variant, stub = self.router.stub("denoiser", self.key, denoiser_pb2_grpc.DenoiserStub)
+        with telemetry.tracer().start_as_current_span("stage denoiser", attributes={"diffmesh.stage": "denoiser"}) as span:
+            call_start, received, result = time.perf_counter(), 0, None
+            call = stub.Denoise(request, timeout=self.deadline.remaining())
+            try:
+                async for event in call:
+                    received += event.ByteSize()
+                    if event.HasField("progress"):
+                        p = event.progress
+                        yield orchestrator_pb2.GenerateEvent(progress=orchestrator_pb2.StepProgress(
+                            step=p.step, total_steps=p.total_steps, elapsed_ms=elapsed_ms(start)))
+                    else:
+                        result = event.result
+            except grpc.aio.AioRpcError as exc:
+                metrics.STAGE_CALLS.labels("denoiser", variant, exc.code().name).inc()
+                raise StageCallError("denoiser", exc) from exc
+            finally:
+                call.cancel()  # no-op once finished; stops the denoiser when our caller went away
+            if result is None:
+                raise MeshError("denoiser: stream ended without a result")
+            metrics.STAGE_CALLS.labels("denoiser", variant, "OK").inc()
+            self._record(_timing("denoiser", variant, call_start, result.usage, request.ByteSize(), received), span)
+        yield result
+
+    def cost(self) -> common_pb2.RequestCost:
+        return common_pb2.RequestCost(
+            device_seconds=sum(t.compute_ms for t in self.timings) / 1000.0,
+            queue_seconds=sum(t.queue_ms for t in self.timings) / 1000.0,
+            bytes_moved=sum(t.bytes_sent + t.bytes_received for t in self.timings))
+
     async def run(self) -> AsyncIterator[orchestrator_pb2.GenerateEvent]:
         plan = self.plan
         start = time.perf_counter()
@@ -105,37 +151,23 @@ class Generation:
         else:
             text, image = await self.encode_text(), None
 
-        variant, stub = self.router.stub("denoiser", self.key, denoiser_pb2_grpc.DenoiserStub)
-        call = stub.Denoise(self.denoise_request(text, image), timeout=self.deadline.remaining())
-        denoise_start = time.perf_counter()
         result = None
-        try:
-            async for event in call:
-                if event.HasField("progress"):
-                    p = event.progress
-                    yield orchestrator_pb2.GenerateEvent(progress=orchestrator_pb2.StepProgress(
-                        step=p.step, total_steps=p.total_steps, elapsed_ms=elapsed_ms(start)))
-                else:
-                    result = event.result
-        except grpc.aio.AioRpcError as exc:
-            raise StageCallError("denoiser", exc) from exc
-        finally:
-            call.cancel()  # no-op once finished; stops the denoiser when our caller went away
-        if result is None:
-            raise MeshError("denoiser: stream ended without a result")
-        self.timings.append(common_pb2.StageTiming(stage="denoiser", wall_ms=elapsed_ms(denoise_start),
-                                                   compute_ms=result.compute_ms, variant=variant))
+        async for item in self.denoise(self.denoise_request(text, image), start):
+            if isinstance(item, denoiser_pb2.DenoiseResult):
+                result = item
+            else:
+                yield item
 
-        variant, vae = self.router.stub("vae", self.key, vae_pb2_grpc.VaeStub)
-        decode_request = vae_pb2.DecodeRequest(model_id=plan.model.entry.id, latents=result.latents,
-                                               format=plan.output_format, quality=plan.quality)
-        decoded = await self._timed("vae.decode", variant,
-                                    lambda: vae.Decode(decode_request, timeout=self.deadline.remaining()),
-                                    lambda r: r.compute_ms)
+        decoded = await self._unary("vae.decode", "vae", vae_pb2_grpc.VaeStub, "Decode", vae_pb2.DecodeRequest(
+            model_id=plan.model.entry.id, latents=result.latents, format=plan.output_format, quality=plan.quality))
+        cost = self.cost()
+        telemetry.annotate(**{"diffmesh.cost.device_seconds": cost.device_seconds,
+                              "diffmesh.cost.queue_seconds": cost.queue_seconds,
+                              "diffmesh.cost.bytes_moved": cost.bytes_moved})
         info = orchestrator_pb2.GenerationInfo(
             request_id=plan.request_id, model=plan.model.entry.id, scheduler=plan.scheduler, steps=plan.steps,
             guidance_scale=plan.guidance_scale, strength=plan.strength, width=plan.width, height=plan.height,
-            timings=self.timings, total_ms=elapsed_ms(start))
+            timings=self.timings, total_ms=elapsed_ms(start), cost=cost, trace_id=telemetry.sampled_trace_id() or "")
         images = [orchestrator_pb2.GeneratedImage(image=file, seed=seed, index=i)
                   for i, (file, seed) in enumerate(zip(decoded.images, plan.seeds))]
         yield orchestrator_pb2.GenerateEvent(result=orchestrator_pb2.GenerateResponse(images=images, info=info))

@@ -10,6 +10,7 @@ import grpc
 from diffmesh.proto.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from diffmesh.runtime.errors import MeshError
 from diffmesh.runtime.logs import log_event, prompt_hash
+from diffmesh.runtime.telemetry import annotate
 from services.orchestrator.pipeline import Deadline, Generation
 from services.orchestrator.plan import Limits, ModelCatalog, plan_request
 from services.orchestrator.routing import StageRouter
@@ -35,9 +36,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         plan = plan_request(request, self._limits, self._catalog, request_id)
         remaining = context.time_remaining()
         deadline = Deadline(self._default_timeout_s if remaining is None else remaining)
-        log_event(log, "generate", request_id=request_id, model=plan.model.entry.id, prompt=prompt_hash(plan.prompt),
-                  steps=plan.steps, scheduler=plan.scheduler, size=f"{plan.width}x{plan.height}",
-                  count=len(plan.seeds), img2img=plan.is_img2img)
+        attributes = {"diffmesh.request_id": request_id, "diffmesh.model": plan.model.entry.id,
+                      "diffmesh.prompt_hash": prompt_hash(plan.prompt), "diffmesh.steps": plan.steps,
+                      "diffmesh.scheduler": plan.scheduler, "diffmesh.size": f"{plan.width}x{plan.height}",
+                      "diffmesh.batch_size": len(plan.seeds), "diffmesh.img2img": plan.is_img2img}
+        annotate(**attributes)
+        log_event(log, "generate", **{key.split(".", 1)[1]: value for key, value in attributes.items()})
         return Generation(plan, self._router, deadline, request.request_key or request_id)
 
     async def Generate(self, request: orchestrator_pb2.GenerateRequest,

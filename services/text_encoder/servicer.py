@@ -1,15 +1,14 @@
 """TextEncoder gRPC servicer: request -> ClipPromptEncoder.encode (through the cache) -> tensors."""
 from __future__ import annotations
 
-import time
-
 import grpc
 
 from diffmesh.models.pool import ModelPool
 from diffmesh.proto.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from diffmesh.runtime import codec
-from diffmesh.runtime.logs import elapsed_ms, prompt_hash
-from diffmesh.runtime.server import Admission
+from diffmesh.runtime.logs import prompt_hash
+from diffmesh.runtime.server import Admission, Usage
+from diffmesh.runtime.telemetry import annotate, traced
 from services.text_encoder.encoder import ClipPromptEncoder, EmbeddingCache
 
 
@@ -21,17 +20,19 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
 
     async def Encode(self, request: text_encoder_pb2.EncodeTextRequest,
                      context: grpc.aio.ServicerContext) -> text_encoder_pb2.EncodeTextResponse:
-        start = time.perf_counter()
         model = self._models.get(request.model_id)
         negative = request.negative_prompt if request.HasField("negative_prompt") else None
         key = (request.model_id, prompt_hash(request.prompt),
                None if negative is None else prompt_hash(negative), request.with_negative)
         embeddings = self._cache.get(key)
         hit = embeddings is not None
+        annotate(**{"diffmesh.model": request.model_id, "diffmesh.prompt_hash": key[1], "diffmesh.cache_hit": hit})
+        usage = Usage()
         if embeddings is None:
-            async with self._admission.slot():
+            async with self._admission.slot() as usage:
                 embeddings = await self._admission.submit(
-                    model.encode, request.prompt, negative, request.with_negative)
+                    usage, traced("encode_prompt", model.encode, **{"diffmesh.model": request.model_id}),
+                    request.prompt, negative, request.with_negative)
             self._cache.put(key, embeddings)
         response = text_encoder_pb2.EncodeTextResponse(cache_hit=hit)
         for name in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
@@ -39,5 +40,5 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
             value = getattr(embeddings, name)
             if value is not None:
                 getattr(response, name).CopyFrom(codec.from_torch(value))
-        response.compute_ms = elapsed_ms(start)
+        response.usage.CopyFrom(self._admission.report(usage))
         return response

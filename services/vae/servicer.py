@@ -1,8 +1,6 @@
 """Vae gRPC servicer: Decode (latents -> image files / pixels) and Encode (pixels -> latents)."""
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 import torch
@@ -10,9 +8,9 @@ import torch
 from diffmesh.imaging import encode_image
 from diffmesh.models.pool import ModelPool
 from diffmesh.proto.v1 import tensor_pb2, vae_pb2, vae_pb2_grpc
-from diffmesh.runtime import codec
+from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.runtime.errors import InvalidArgument
-from diffmesh.runtime.logs import elapsed_ms
+from diffmesh.runtime.telemetry import annotate, traced
 from diffmesh.runtime.server import Admission
 from services.vae.autoencoder import LatentImageCodec
 
@@ -29,7 +27,6 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
 
     async def Decode(self, request: vae_pb2.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> vae_pb2.DecodeResponse:
-        start = time.perf_counter()
         model = self._models.get(request.model_id)
         latents = codec.to_torch(request.latents, "latents", dtypes=_FLOATS, rank=4)
         if latents.shape[0] > self._max_batch:
@@ -38,23 +35,28 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
             raise InvalidArgument("quality", request.quality, "must be in [0, 100]")
         model.check_latents(latents)
 
-        def run() -> tuple[np.ndarray, list]:
-            pixels = model.decode(latents)
-            files = [] if request.skip_files else [
-                encode_image(p, request.format, request.quality, self._png_level) for p in pixels]
-            return pixels, files
+        annotate(**{"diffmesh.model": request.model_id, "diffmesh.batch_size": int(latents.shape[0]),
+                    "diffmesh.size": f"{latents.shape[3] * model.scale_factor}x{latents.shape[2] * model.scale_factor}"})
+        metrics.BATCH_SIZE.labels("vae").observe(latents.shape[0])
+        tracer = telemetry.tracer()
 
-        async with self._admission.slot():
-            pixels, files = await self._admission.submit(run)
-        response = vae_pb2.DecodeResponse(images=files)
+        def run() -> tuple[np.ndarray, list]:
+            with tracer.start_as_current_span("vae.decode"):
+                pixels = model.decode(latents)
+            if request.skip_files:
+                return pixels, []
+            with tracer.start_as_current_span("image.encode", attributes={"diffmesh.format": request.format}):
+                return pixels, [encode_image(p, request.format, request.quality, self._png_level) for p in pixels]
+
+        async with self._admission.slot() as usage:
+            pixels, files = await self._admission.submit(usage, run)
+        response = vae_pb2.DecodeResponse(images=files, usage=self._admission.report(usage))
         if request.return_tensor:
             response.pixels.CopyFrom(codec.from_numpy(pixels))
-        response.compute_ms = elapsed_ms(start)
         return response
 
     async def Encode(self, request: vae_pb2.EncodeImageRequest,
                      context: grpc.aio.ServicerContext) -> vae_pb2.EncodeImageResponse:
-        start = time.perf_counter()
         model = self._models.get(request.model_id)
         pixels = codec.to_numpy(request.pixels, "pixels", dtypes=(tensor_pb2.UINT8,), rank=4)
         sample = request.sampling != vae_pb2.MODE
@@ -62,10 +64,11 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         if not 1 <= len(seeds) <= self._max_batch:
             raise InvalidArgument("seeds", len(seeds), f"need 1 to {self._max_batch} (one per latent)")
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        async with self._admission.slot():
+        annotate(**{"diffmesh.model": request.model_id, "diffmesh.batch_size": len(seeds)})
+        async with self._admission.slot() as usage:
             latents = await self._admission.submit(
-                model.encode, pixels, request.width, request.height, sample, generators)
+                usage, traced("vae.encode", model.encode), pixels, request.width, request.height, sample, generators)
         states = torch.stack([g.get_state() for g in generators])
         return vae_pb2.EncodeImageResponse(latents=codec.from_torch(latents),
                                            generator_states=codec.from_torch(states),
-                                           compute_ms=elapsed_ms(start))
+                                           usage=self._admission.report(usage))

@@ -55,7 +55,7 @@ class FakeStage:
         self.loaded = threading.Event()
         self.release = threading.Event()
         self.finalized = False
-        self.servicer = EchoVae(Admission(self.max_concurrency, self.max_queue), self.delay)
+        self.servicer = EchoVae(Admission("fake", self.max_concurrency, self.max_queue), self.delay)
 
     def service_names(self):
         return [SERVICE]

@@ -28,14 +28,48 @@ class EncodedImage(_message.Message):
     height: int
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
+class StageUsage(_message.Message):
+    __slots__ = ("compute_ms", "queue_ms", "device", "variant", "instance_id")
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    compute_ms: float
+    queue_ms: float
+    device: str
+    variant: str
+    instance_id: str
+    def __init__(self, compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., device: _Optional[str] = ..., variant: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "wall_ms", "compute_ms", "variant")
+    __slots__ = ("stage", "wall_ms", "compute_ms", "variant", "queue_ms", "bytes_sent", "bytes_received", "device", "instance_id")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     stage: str
     wall_ms: float
     compute_ms: float
     variant: str
-    def __init__(self, stage: _Optional[str] = ..., wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., variant: _Optional[str] = ...) -> None: ...
+    queue_ms: float
+    bytes_sent: int
+    bytes_received: int
+    device: str
+    instance_id: str
+    def __init__(self, stage: _Optional[str] = ..., wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., variant: _Optional[str] = ..., queue_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., device: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class RequestCost(_message.Message):
+    __slots__ = ("device_seconds", "queue_seconds", "bytes_moved")
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    device_seconds: float
+    queue_seconds: float
+    bytes_moved: int
+    def __init__(self, device_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., bytes_moved: _Optional[int] = ...) -> None: ...

@@ -1,3 +1,4 @@
+from diffmesh.proto.v1 import common_pb2 as _common_pb2
 from diffmesh.proto.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -52,12 +53,12 @@ class DenoiseProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
 
 class DenoiseResult(_message.Message):
-    __slots__ = ("latents", "compute_ms")
+    __slots__ = ("latents", "usage")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     latents: _tensor_pb2.Tensor
-    compute_ms: float
-    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    usage: _common_pb2.StageUsage
+    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.StageUsage, _Mapping]] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "result")

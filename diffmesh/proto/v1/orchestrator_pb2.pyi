@@ -52,7 +52,7 @@ class GeneratedImage(_message.Message):
     def __init__(self, image: _Optional[_Union[_common_pb2.EncodedImage, _Mapping]] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GenerationInfo(_message.Message):
-    __slots__ = ("request_id", "model", "scheduler", "steps", "guidance_scale", "strength", "width", "height", "timings", "total_ms")
+    __slots__ = ("request_id", "model", "scheduler", "steps", "guidance_scale", "strength", "width", "height", "timings", "total_ms", "cost", "trace_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,8 @@ class GenerationInfo(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     scheduler: str
@@ -73,7 +75,9 @@ class GenerationInfo(_message.Message):
     height: int
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.StageTiming]
     total_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., strength: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    cost: _common_pb2.RequestCost
+    trace_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., strength: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ..., cost: _Optional[_Union[_common_pb2.RequestCost, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("images", "info")

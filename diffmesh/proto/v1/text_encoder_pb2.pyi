@@ -1,3 +1,4 @@
+from diffmesh.proto.v1 import common_pb2 as _common_pb2
 from diffmesh.proto.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -19,17 +20,17 @@ class EncodeTextRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., with_negative: _Optional[bool] = ...) -> None: ...
 
 class EncodeTextResponse(_message.Message):
-    __slots__ = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "cache_hit", "compute_ms")
+    __slots__ = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "cache_hit", "usage")
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     prompt_embeds: _tensor_pb2.Tensor
     negative_prompt_embeds: _tensor_pb2.Tensor
     pooled_prompt_embeds: _tensor_pb2.Tensor
     negative_pooled_prompt_embeds: _tensor_pb2.Tensor
     cache_hit: bool
-    compute_ms: float
-    def __init__(self, prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    usage: _common_pb2.StageUsage
+    def __init__(self, prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., usage: _Optional[_Union[_common_pb2.StageUsage, _Mapping]] = ...) -> None: ...

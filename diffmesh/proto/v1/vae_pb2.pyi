@@ -35,14 +35,14 @@ class DecodeRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., return_tensor: _Optional[bool] = ..., skip_files: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("images", "pixels", "compute_ms")
+    __slots__ = ("images", "pixels", "usage")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.EncodedImage]
     pixels: _tensor_pb2.Tensor
-    compute_ms: float
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.EncodedImage, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    usage: _common_pb2.StageUsage
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.EncodedImage, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.StageUsage, _Mapping]] = ...) -> None: ...
 
 class EncodeImageRequest(_message.Message):
     __slots__ = ("model_id", "pixels", "width", "height", "sampling", "seeds")
@@ -61,11 +61,11 @@ class EncodeImageRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., sampling: _Optional[_Union[LatentSampling, str]] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeImageResponse(_message.Message):
-    __slots__ = ("latents", "generator_states", "compute_ms")
+    __slots__ = ("latents", "generator_states", "usage")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_STATES_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     latents: _tensor_pb2.Tensor
     generator_states: _tensor_pb2.Tensor
-    compute_ms: float
-    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., generator_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    usage: _common_pb2.StageUsage
+    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., generator_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.StageUsage, _Mapping]] = ...) -> None: ...
