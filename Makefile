@@ -32,9 +32,13 @@ test: $(STAMP)
 bench: $(STAMP) models
 	$(PY) -m bench.run --out bench/results/bench.json
 
+# make up DENOISER_REPLICAS=2 DENOISER_CANARY=1 [DENOISER_CANARY_WEIGHT=20] (also TEXT_ENCODER_*, VAE_*)
+UP_ARGS = $(foreach s,text_encoder denoiser vae,$(call up_args,$(s),$(shell echo $(s) | tr a-z A-Z)))
+up_args = $(if $($(2)_REPLICAS),--replicas $(1)=$($(2)_REPLICAS)) $(if $(filter 1,$($(2)_CANARY)),--canary $(1)=$(or $($(2)_CANARY_WEIGHT),20))
+
 up: $(STAMP)
 	@test -f .models/registry.yaml || $(VENV)/bin/diffmesh models build-tiny
-	$(VENV)/bin/diffmesh up
+	$(VENV)/bin/diffmesh up $(strip $(UP_ARGS))
 
 down:
 	$(VENV)/bin/diffmesh down

@@ -1,4 +1,9 @@
-"""A local mesh: every stage as its own process on loopback (demo, `make up`, tests)."""
+"""A local mesh: every stage as its own process on loopback (demo, `make up`, tests).
+
+Each stage runs one stable process by default; `replicas` adds more stable processes of a stage
+(the orchestrator balances over them round-robin and fails over between them) and `canaries`
+adds a canary process with a traffic weight, as the Helm chart does on Kubernetes.
+"""
 from __future__ import annotations
 
 import json
@@ -14,11 +19,8 @@ from pathlib import Path
 from diffmesh.client.client import wait_for_serving
 
 STAGES = ("text_encoder", "denoiser", "vae", "orchestrator")
+BACKENDS = STAGES[:-1]
 DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50061, "denoiser": 50062, "vae": 50063}
-
-
-def free_ports(stages=STAGES) -> dict[str, int]:
-    return {stage: free_port() for stage in stages}
 
 
 def free_port() -> int:
@@ -27,79 +29,113 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(stages=STAGES) -> dict[str, int]:
+    return {stage: free_port() for stage in stages}
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str     # "denoiser", "denoiser-1", "denoiser-canary"
+    stage: str
+    variant: str  # "stable" or "canary"
+
+
 @dataclass
 class LocalMesh:
     registry: Path
     workdir: Path
-    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))  # by instance name
     metrics_ports: dict[str, int] = field(default_factory=dict)
-    extra_args: dict[str, list[str]] = field(default_factory=dict)
+    extra_args: dict[str, list[str]] = field(default_factory=dict)  # by instance name or stage
     env: dict[str, str] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)     # stable processes per backend stage
+    canaries: dict[str, float] = field(default_factory=dict)   # backend stage -> canary weight (percent)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def instances(self) -> list[Instance]:
+        found = []
+        for stage in BACKENDS:
+            found += [Instance(stage if i == 0 else f"{stage}-{i}", stage, "stable")
+                      for i in range(self.replicas.get(stage, 1))]
+            if stage in self.canaries:
+                found.append(Instance(f"{stage}-canary", stage, "canary"))
+        return found + [Instance("orchestrator", "orchestrator", "stable")]
+
+    def port(self, name: str) -> int:
+        if name not in self.ports:
+            self.ports[name] = free_port()
+        return self.ports[name]
 
     @property
     def log_dir(self) -> Path:
         return self.workdir / "logs"
 
-    def address(self, stage: str) -> str:
-        return f"127.0.0.1:{self.ports[stage]}"
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.port(name)}"
 
-    def command(self, stage: str) -> list[str]:
-        args = [sys.executable, "-m", f"services.{stage}", "--port", str(self.ports[stage]),
-                "--registry", str(self.registry)]
-        if stage in self.metrics_ports:
-            args += ["--metrics-port", str(self.metrics_ports[stage])]
-        if stage == "orchestrator":
-            for name in STAGES[:-1]:
-                args += [f"--{name.replace('_', '-')}-address", self.address(name)]
-        return args + self.extra_args.get(stage, [])
+    def stage_addresses(self, stage: str, variant: str = "stable") -> str:
+        return ",".join(self.address(i.name) for i in self.instances() if i.stage == stage and i.variant == variant)
+
+    def command(self, instance: Instance) -> list[str]:
+        args = [sys.executable, "-m", f"services.{instance.stage}", "--port", str(self.port(instance.name)),
+                "--registry", str(self.registry), "--variant", instance.variant]
+        if instance.name in self.metrics_ports:
+            args += ["--metrics-port", str(self.metrics_ports[instance.name])]
+        if instance.stage == "orchestrator":
+            for stage in BACKENDS:
+                flag = stage.replace("_", "-")
+                args += [f"--{flag}-address", self.stage_addresses(stage)]
+                if stage in self.canaries:
+                    args += [f"--{flag}-canary-address", self.stage_addresses(stage, "canary"),
+                             f"--{flag}-canary-weight", str(self.canaries[stage])]
+        return args + self.extra_args.get(instance.stage, []) + (
+            self.extra_args.get(instance.name, []) if instance.name != instance.stage else [])
 
     def start(self, detach: bool = False) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
-        for stage in STAGES:
-            log = open(self.log_dir / f"{stage}.log", "ab")
-            self.processes[stage] = subprocess.Popen(
-                self.command(stage), stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=detach)
+        for instance in self.instances():
+            log = open(self.log_dir / f"{instance.name}.log", "ab")
+            self.processes[instance.name] = subprocess.Popen(
+                self.command(instance), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=detach)
             log.close()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
-        for stage in STAGES:
+        for name in self.processes:
             while True:
-                proc = self.processes.get(stage)
-                if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"{stage} exited with {proc.returncode}:\n{self.log_tail(stage)}")
+                proc = self.processes[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
                 try:
-                    wait_for_serving(self.address(stage), timeout=1.0)
+                    wait_for_serving(self.address(name), timeout=1.0)
                     break
                 except TimeoutError:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"{stage} not SERVING after {timeout:.0f}s:\n{self.log_tail(stage)}")
+                        raise TimeoutError(f"{name} not SERVING after {timeout:.0f}s:\n{self.log_tail(name)}")
 
-    def log_tail(self, stage: str, lines: int = 20) -> str:
-        path = self.log_dir / f"{stage}.log"
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.log_dir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
-        """SIGTERM every stage (the orchestrator first), wait for the drain; returns exit codes."""
-        for stage in reversed(STAGES):
-            proc = self.processes.get(stage)
-            if proc is not None and proc.poll() is None:
+        """SIGTERM every process (the orchestrator first), wait for the drain; returns exit codes."""
+        for name in reversed(list(self.processes)):
+            proc = self.processes[name]
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         codes: dict[str, int | None] = {}
-        for stage, proc in self.processes.items():
+        for name, proc in self.processes.items():
             try:
-                codes[stage] = proc.wait(timeout)
+                codes[name] = proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                codes[stage] = proc.wait()
+                codes[name] = proc.wait()
         return codes
 
     # --- `make up` / `make down`: a mesh that outlives the command ------------------------
     def save_state(self) -> Path:
-        state = {stage: {"pid": proc.pid, "address": self.address(stage)} for stage, proc in self.processes.items()}
+        state = {name: {"pid": proc.pid, "address": self.address(name)} for name, proc in self.processes.items()}
         path = self.workdir / "state.json"
         path.write_text(json.dumps(state, indent=2))
         return path
@@ -111,10 +147,10 @@ class LocalMesh:
             return []
         state = json.loads(path.read_text())
         stopped = []
-        for stage, info in state.items():
+        for name, info in state.items():
             try:
                 os.kill(info["pid"], signal.SIGTERM)
-                stopped.append(stage)
+                stopped.append(name)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout

@@ -124,7 +124,13 @@ def _up(args: argparse.Namespace) -> int:
     if (workdir / "state.json").exists():
         print(f"a mesh is already up ({workdir / 'state.json'}); run `make down` first", file=sys.stderr)
         return 1
-    mesh = LocalMesh(registry=Path(args.registry).resolve(), workdir=workdir)
+    try:
+        replicas = {stage: int(n) for stage, n in (_stage_option(o, "replicas") for o in args.replicas)}
+        canaries = {stage: float(w or 20) for stage, w in (_stage_option(o, "canary") for o in args.canary)}
+    except ValueError as exc:
+        print(f"diffmesh up: {exc}", file=sys.stderr)
+        return 2
+    mesh = LocalMesh(registry=Path(args.registry).resolve(), workdir=workdir, replicas=replicas, canaries=canaries)
     mesh.start(detach=True)
     mesh.save_state()
     try:
@@ -133,11 +139,25 @@ def _up(args: argparse.Namespace) -> int:
         print(f"diffmesh up: {exc}", file=sys.stderr)
         LocalMesh.stop_saved(workdir)
         return 1
-    for stage in mesh.processes:
-        print(f"{stage:<14}{mesh.address(stage)}")
+    for instance in mesh.instances():
+        weight = f"  weight {canaries[instance.stage]:g}%" if instance.variant == "canary" else ""
+        print(f"{instance.name:<20}{mesh.address(instance.name)}  {instance.variant}{weight}")
     print(f"logs: {mesh.log_dir}/")
     print(f"try:  diffmesh generate --prompt 'a photo of a cat' --address {mesh.address('orchestrator')}")
     return 0
+
+
+def _stage_option(option: str, flag: str) -> tuple[str, str]:
+    from diffmesh.mesh import BACKENDS
+
+    stage, _, value = option.partition("=")
+    if stage not in BACKENDS:
+        raise ValueError(f"--{flag} {option}: stage must be one of {', '.join(BACKENDS)}")
+    if flag == "replicas" and (not value.isdigit() or int(value) < 1):
+        raise ValueError(f"--replicas {option}: expected STAGE=N with N >= 1")
+    if flag == "canary" and value and not 0 <= float(value) <= 100:
+        raise ValueError(f"--canary {option}: the weight is a percentage in [0, 100]")
+    return stage, value
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -192,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--registry", default=str(DEFAULT_MODELS_ROOT / "registry.yaml"))
     up.add_argument("--dir", default=str(DEFAULT_MESH_DIR))
     up.add_argument("--timeout", type=float, default=180.0)
+    up.add_argument("--replicas", action="append", default=[], metavar="STAGE=N",
+                    help="stable processes of a stage (default 1); repeatable")
+    up.add_argument("--canary", action="append", default=[], metavar="STAGE[=WEIGHT]",
+                    help="add a canary process for a stage serving WEIGHT percent (default 20); repeatable")
     down = sub.add_parser("down", help="stop the mesh `up` started (make down)")
     down.add_argument("--dir", default=str(DEFAULT_MESH_DIR))
 

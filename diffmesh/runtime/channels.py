@@ -1,6 +1,7 @@
 """Client channels to stages: per-request balancing across replicas, retries, message limits."""
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import grpc
@@ -12,8 +13,22 @@ _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:")
 
 def channel_target(address: str) -> str:
     """host:port becomes dns:///host:port, so every address a DNS name resolves to (a headless
-    Service's pods) gets its own subchannel; explicit resolver targets pass through."""
-    return address if address.startswith(_SCHEMES) else f"dns:///{address}"
+    Service's pods) gets its own subchannel; a comma-separated list of IP:port replicas becomes an
+    ipv4:/ipv6: target over all of them; explicit resolver targets pass through."""
+    if address.startswith(_SCHEMES):
+        return address
+    replicas = [part.strip() for part in address.split(",") if part.strip()]
+    if len(replicas) == 1:
+        return f"dns:///{replicas[0]}"
+    hosts = [replica.rsplit(":", 1)[0].strip("[]") for replica in replicas]
+    try:
+        families = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ValueError(f"{address!r}: several replicas must be IP:port each (give one DNS name that "
+                         "resolves to every replica instead)") from None
+    if len(families) != 1:
+        raise ValueError(f"{address!r}: replicas mix IPv4 and IPv6")
+    return ("ipv4:" if families == {4} else "ipv6:") + ",".join(replicas)
 
 
 def _service_config() -> str:

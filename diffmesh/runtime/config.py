@@ -52,6 +52,9 @@ class ServerConfig:
     max_concurrency: int = setting(1, "requests computing at once; more wait in the queue", min=1)
     max_queue: int = setting(64, "requests allowed to wait; beyond it RESOURCE_EXHAUSTED", min=0)
     log_level: str = setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    max_connection_age_s: float = setting(
+        300.0, "close client connections after this long (0: never) so clients re-resolve DNS and new "
+        "replicas behind a headless Service get traffic; in-flight calls get grace_period_s", min=0)
     metrics_port: int = setting(0, "Prometheus metrics HTTP port (0: no metrics endpoint)", min=0, max=65535)
     variant: str = setting("stable", "which replica set this process belongs to (reported per call)",
                            choices=("stable", "canary"))

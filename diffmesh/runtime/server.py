@@ -237,8 +237,11 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     interceptor = _ServiceInterceptor(stage.name, config.variant)
     # The tracing interceptor goes first so its server span encloses the error mapping and sees
     # the final status code.
-    server = grpc.aio.server(interceptors=[telemetry.server_interceptor(), interceptor],
-                             options=channel_options(config.max_message_mb))
+    options = channel_options(config.max_message_mb)
+    if config.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.grace_period_s * 1000))]
+    server = grpc.aio.server(interceptors=[telemetry.server_interceptor(), interceptor], options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     stage.register(server)

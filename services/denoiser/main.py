@@ -10,7 +10,7 @@ import torch
 
 from diffmesh.models.registry import ModelEntry
 from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc
-from diffmesh.runtime.config import ServerConfig, setting
+from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
 from services.denoiser.sampler import UNetDenoiser
@@ -24,6 +24,14 @@ class DenoiserConfig(ServerConfig):
     port: int = setting(50062, "gRPC port", min=0, max=65535)
     max_steps: int = setting(1000, "most inference steps one request may ask for", min=1)
     max_batch: int = setting(16, "most images one call may denoise together", min=1)
+    scheduler_override: str = setting("", "serve every request with this scheduler (to canary a scheduler "
+                                      "change against stable); empty: the requested one")
+
+    def validate(self) -> None:
+        from diffmesh.models.schedulers import lookup_scheduler
+
+        if self.scheduler_override and lookup_scheduler(self.scheduler_override) is None:
+            raise ConfigError(f"scheduler_override: unknown scheduler {self.scheduler_override!r}")
 
 
 class DenoiserStage(ModelStage[UNetDenoiser]):
@@ -36,7 +44,8 @@ class DenoiserStage(ModelStage[UNetDenoiser]):
     def register(self, server: grpc.aio.Server) -> None:
         config: DenoiserConfig = self.config  # type: ignore[assignment]
         denoiser_pb2_grpc.add_DenoiserServicer_to_server(
-            DenoiserServicer(self.models, self.admission, config.max_steps, config.max_batch), server)
+            DenoiserServicer(self.models, self.admission, config.max_steps, config.max_batch,
+                             config.scheduler_override), server)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

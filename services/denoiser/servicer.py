@@ -75,7 +75,9 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest, max_steps: int, max_b
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, models, admission: Admission, max_steps: int, max_batch: int) -> None:
+    def __init__(self, models, admission: Admission, max_steps: int, max_batch: int,
+                 scheduler_override: str = "") -> None:
+        self._scheduler_override = scheduler_override
         self._models = models
         self._admission = admission
         self._max_steps = max_steps
@@ -85,6 +87,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                       context: grpc.aio.ServicerContext) -> AsyncIterator[denoiser_pb2.DenoiseEvent]:
         model: UNetDenoiser = self._models.get(request.model_id)
         job = job_from_request(request, self._max_steps, self._max_batch)
+        if self._scheduler_override:
+            job.scheduler = lookup_scheduler(self._scheduler_override)
         model.check_job(job)  # reject before queueing, not after the wait
         attributes = {"diffmesh.model": request.model_id, "diffmesh.scheduler": request.scheduler,
                       "diffmesh.steps": request.steps, "diffmesh.size": f"{request.width}x{request.height}",

@@ -11,8 +11,9 @@ bytes moved each way: the request's cost.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
@@ -20,9 +21,13 @@ from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, orch
                                text_encoder_pb2_grpc, vae_pb2, vae_pb2_grpc)
 from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.runtime.errors import MeshError
-from diffmesh.runtime.logs import elapsed_ms
+from diffmesh.runtime.logs import elapsed_ms, log_event
 from services.orchestrator.plan import GenerationPlan
-from services.orchestrator.routing import StageRouter
+from services.orchestrator.routing import CANARY, STABLE, StageRouter
+from services.orchestrator.shadow import ShadowDiffer
+
+T = TypeVar("T")
+log = logging.getLogger("diffmesh.orchestrator")
 
 
 class StageCallError(MeshError):
@@ -50,12 +55,22 @@ def _timing(stage: str, variant: str, start: float, usage: common_pb2.StageUsage
                                   bytes_received=received, device=usage.device, instance_id=usage.instance_id)
 
 
+# A canary that fails for these reasons is the canary's problem: the call goes to stable instead.
+FALLBACK_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
+RETRY_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.05
+
+
 class Generation:
-    def __init__(self, plan: GenerationPlan, router: StageRouter, deadline: Deadline, request_key: str) -> None:
+    def __init__(self, plan: GenerationPlan, router: StageRouter, deadline: Deadline, request_key: str,
+                 shadow: ShadowDiffer | None = None, shadow_timeout_s: float = 300.0) -> None:
         self.plan = plan
         self.router = router
         self.deadline = deadline
         self.key = request_key
+        self.shadow = shadow
+        self.shadow_timeout_s = shadow_timeout_s
         self.timings: list[common_pb2.StageTiming] = []
 
     def _record(self, timing: common_pb2.StageTiming, span: Any) -> None:
@@ -65,18 +80,58 @@ class Generation:
                              "diffmesh.payload.bytes_sent": timing.bytes_sent,
                              "diffmesh.payload.bytes_received": timing.bytes_received})
 
+    async def _attempts(self, invoke: Callable[[], Awaitable[T]]) -> T:
+        """Retries a call that found its replica UNAVAILABLE (killed, draining, restarting): stage
+        calls are idempotent (seeded), and round_robin sends the next attempt to another replica."""
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                return await invoke()
+            except grpc.aio.AioRpcError as exc:
+                backoff = RETRY_BACKOFF_S * 2**attempt
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRY_ATTEMPTS - 1 \
+                        or self.deadline.remaining() <= backoff:
+                    raise
+                log_event(log, "retrying stage call", logging.WARNING, attempt=attempt + 1, error=exc.details())
+                await asyncio.sleep(backoff)
+        raise AssertionError("unreachable")
+
+    async def _routed(self, route: str, stage: str, invoke: Callable[[str], Awaitable[T]]) -> tuple[str, T]:
+        """Runs the call on the variant this request routes to; a failing canary falls back to stable."""
+        variant = self.router.choose(route, self.key)
+        try:
+            result = await self._attempts(lambda: invoke(variant))
+        except grpc.aio.AioRpcError as exc:
+            metrics.STAGE_CALLS.labels(route, variant, exc.code().name).inc()
+            if variant != CANARY or exc.code() not in FALLBACK_CODES:
+                raise StageCallError(stage, exc) from exc
+            metrics.STAGE_FALLBACKS.labels(route).inc()
+            log_event(log, "canary failed, falling back to stable", logging.WARNING, stage=stage,
+                      code=exc.code().name, error=exc.details())
+            variant = STABLE
+            try:
+                result = await self._attempts(lambda: invoke(STABLE))
+            except grpc.aio.AioRpcError as stable_exc:
+                metrics.STAGE_CALLS.labels(route, STABLE, stable_exc.code().name).inc()
+                raise StageCallError(stage, stable_exc) from stable_exc
+        metrics.STAGE_CALLS.labels(route, variant, "OK").inc()
+        return variant, result
+
+    def _mirror(self, route: str, stage: str, variant: str, invoke: Callable[[str, float], Awaitable[Any]],
+                stable: Any) -> None:
+        if self.shadow is not None and variant == STABLE and self.router.should_shadow(route, self.key):
+            self.shadow.mirror(stage, self.plan.request_id, lambda: invoke(CANARY, self.shadow_timeout_s), stable)
+
     async def _unary(self, stage: str, route: str, stub_cls: Callable, method: str, request: Any) -> Any:
-        variant, stub = self.router.stub(route, self.key, stub_cls)
+        def invoke(variant: str, timeout: float | None = None) -> Awaitable[Any]:
+            stub = self.router.stub(route, variant, stub_cls)
+            return getattr(stub, method)(request, timeout=timeout or self.deadline.remaining())
+
         with telemetry.tracer().start_as_current_span(f"stage {stage}", attributes={"diffmesh.stage": stage}) as span:
             start = time.perf_counter()
-            try:
-                response = await getattr(stub, method)(request, timeout=self.deadline.remaining())
-            except grpc.aio.AioRpcError as exc:
-                metrics.STAGE_CALLS.labels(route, variant, exc.code().name).inc()
-                raise StageCallError(stage, exc) from exc
-            metrics.STAGE_CALLS.labels(route, variant, "OK").inc()
+            variant, response = await self._routed(route, stage, invoke)
             self._record(_timing(stage, variant, start, response.usage, request.ByteSize(), response.ByteSize()), span)
-            return response
+        self._mirror(route, stage, variant, invoke, response)
+        return response
 
     async def encode_text(self) -> text_encoder_pb2.EncodeTextResponse:
         plan = self.plan
@@ -113,28 +168,52 @@ class Generation:
     async def denoise(self, request: denoiser_pb2.DenoiseRequest,
                       start: float) -> AsyncIterator[orchestrator_pb2.GenerateEvent | denoiser_pb2.DenoiseResult]:
         """Yields progress events as they arrive, then the denoiser's result."""
-        variant, stub = self.router.stub("denoiser", self.key, denoiser_pb2_grpc.DenoiserStub)
-        with telemetry.tracer().start_as_current_span("stage denoiser", attributes={"diffmesh.stage": "denoiser"}) as span:
-            call_start, received, result = time.perf_counter(), 0, None
-            call = stub.Denoise(request, timeout=self.deadline.remaining())
+        progress: asyncio.Queue = asyncio.Queue()
+        reported = [0]
+
+        async def invoke(variant: str, timeout: float | None = None,
+                         forward: bool = True) -> tuple[denoiser_pb2.DenoiseResult, int]:
+            stub = self.router.stub("denoiser", variant, denoiser_pb2_grpc.DenoiserStub)
+            call = stub.Denoise(request, timeout=timeout or self.deadline.remaining())
+            received, result = 0, None
             try:
                 async for event in call:
                     received += event.ByteSize()
-                    if event.HasField("progress"):
-                        p = event.progress
-                        yield orchestrator_pb2.GenerateEvent(progress=orchestrator_pb2.StepProgress(
-                            step=p.step, total_steps=p.total_steps, elapsed_ms=elapsed_ms(start)))
-                    else:
+                    if not event.HasField("progress"):
                         result = event.result
-            except grpc.aio.AioRpcError as exc:
-                metrics.STAGE_CALLS.labels("denoiser", variant, exc.code().name).inc()
-                raise StageCallError("denoiser", exc) from exc
+                    elif forward and event.progress.step > reported[0]:  # a retried call repeats steps
+                        reported[0] = event.progress.step
+                        progress.put_nowait(orchestrator_pb2.GenerateEvent(progress=orchestrator_pb2.StepProgress(
+                            step=event.progress.step, total_steps=event.progress.total_steps,
+                            elapsed_ms=elapsed_ms(start))))
             finally:
                 call.cancel()  # no-op once finished; stops the denoiser when our caller went away
             if result is None:
                 raise MeshError("denoiser: stream ended without a result")
-            metrics.STAGE_CALLS.labels("denoiser", variant, "OK").inc()
+            return result, received
+
+        with telemetry.tracer().start_as_current_span("stage denoiser", attributes={"diffmesh.stage": "denoiser"}) as span:
+            call_start = time.perf_counter()
+            task = asyncio.ensure_future(self._routed("denoiser", "denoiser", invoke))
+            try:
+                while True:
+                    getter = asyncio.ensure_future(progress.get())
+                    done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter not in done:
+                        getter.cancel()
+                        break
+                    yield getter.result()
+                while not progress.empty():
+                    yield progress.get_nowait()
+                variant, (result, received) = await task
+            finally:
+                task.cancel()
             self._record(_timing("denoiser", variant, call_start, result.usage, request.ByteSize(), received), span)
+
+        async def shadow_invoke(variant: str, timeout: float) -> denoiser_pb2.DenoiseResult:
+            return (await invoke(variant, timeout, forward=False))[0]
+
+        self._mirror("denoiser", "denoiser", variant, shadow_invoke, result)
         yield result
 
     def cost(self) -> common_pb2.RequestCost:

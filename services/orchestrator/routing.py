@@ -1,8 +1,10 @@
 """Each stage's traffic, split between its stable and canary replica sets.
 
-A stage has a stable target and optionally a canary target with a weight in [0, 1]. The choice is
-sticky per request key (a hash, not a coin flip), so one request's retries and one caller's
-repeated key land on the same variant; rollback is setting the weight to 0.
+A stage has a stable target and optionally a canary target with a weight in percent (0-100). The
+choice is sticky per request key (a hash, not a coin flip): one caller's routing key always lands
+on the same variant, weight 0 sends nothing to the canary and 100 sends everything. A fraction
+of the requests served by stable can also be mirrored to the canary for comparison (shadow
+traffic). Rollback is a configuration change: weight 0.
 """
 from __future__ import annotations
 
@@ -23,38 +25,43 @@ class StageRoute:
     stage: str
     stable: str
     canary: str = ""
-    canary_weight: float = 0.0
+    canary_weight: float = 0.0   # percent of requests served by the canary
+    shadow_percent: float = 0.0  # percent of stable-served requests mirrored to the canary
 
 
-def canary_bucket(stage: str, request_key: str) -> float:
-    """A stable pseudo-random number in [0, 1) for this key and stage."""
-    digest = hashlib.blake2b(f"{stage}\0{request_key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+def bucket(stage: str, request_key: str, purpose: str = "route") -> float:
+    """A stable pseudo-random number in [0, 100) for this key, stage and purpose."""
+    digest = hashlib.blake2b(f"{purpose}\0{stage}\0{request_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 * 100.0
 
 
 class StageRouter:
     def __init__(self, routes: list[StageRoute], max_message_mb: int) -> None:
         self._routes = {route.stage: route for route in routes}
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
-        self._stubs: dict[tuple[str, str], Any] = {}
+        self._stubs: dict[tuple[str, str, Any], Any] = {}
         for route in routes:
             self._channels[(route.stage, STABLE)] = open_channel(route.stable, max_message_mb)
             if route.canary:
                 self._channels[(route.stage, CANARY)] = open_channel(route.canary, max_message_mb)
 
-    def pick(self, stage: str, request_key: str) -> tuple[str, grpc.aio.Channel]:
+    def choose(self, stage: str, request_key: str) -> str:
         route = self._routes[stage]
-        if route.canary and canary_bucket(stage, request_key) < route.canary_weight:
-            return CANARY, self._channels[(stage, CANARY)]
-        return STABLE, self._channels[(stage, STABLE)]
+        if route.canary and bucket(stage, request_key) < route.canary_weight:
+            return CANARY
+        return STABLE
 
-    def stub(self, stage: str, request_key: str, stub_cls: Callable[[grpc.aio.Channel], Any]) -> tuple[str, Any]:
-        """The stage's client stub for this request's variant (stubs are built once per channel)."""
-        variant, channel = self.pick(stage, request_key)
-        stub = self._stubs.get((stage, variant))
+    def should_shadow(self, stage: str, request_key: str) -> bool:
+        route = self._routes[stage]
+        return bool(route.canary) and bucket(stage, request_key, "shadow") < route.shadow_percent
+
+    def stub(self, stage: str, variant: str, stub_cls: Callable[[grpc.aio.Channel], Any]) -> Any:
+        """The stage's client stub for a variant (built once per channel)."""
+        key = (stage, variant, stub_cls)
+        stub = self._stubs.get(key)
         if stub is None:
-            stub = self._stubs[(stage, variant)] = stub_cls(channel)
-        return variant, stub
+            stub = self._stubs[key] = stub_cls(self._channels[(stage, variant)])
+        return stub
 
     async def close(self) -> None:
         for channel in self._channels.values():

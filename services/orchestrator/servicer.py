@@ -14,14 +14,16 @@ from diffmesh.runtime.telemetry import annotate
 from services.orchestrator.pipeline import Deadline, Generation
 from services.orchestrator.plan import Limits, ModelCatalog, plan_request
 from services.orchestrator.routing import StageRouter
+from services.orchestrator.shadow import ShadowDiffer
 
 log = logging.getLogger("diffmesh.orchestrator")
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
-    def __init__(self, router: StageRouter, default_timeout_s: float) -> None:
+    def __init__(self, router: StageRouter, default_timeout_s: float, shadow: ShadowDiffer | None = None) -> None:
         self._router = router
         self._default_timeout_s = default_timeout_s
+        self._shadow = shadow
         self._limits: Limits | None = None
         self._catalog: ModelCatalog | None = None
 
@@ -42,7 +44,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                       "diffmesh.batch_size": len(plan.seeds), "diffmesh.img2img": plan.is_img2img}
         annotate(**attributes)
         log_event(log, "generate", **{key.split(".", 1)[1]: value for key, value in attributes.items()})
-        return Generation(plan, self._router, deadline, request.request_key or request_id)
+        return Generation(plan, self._router, deadline, request.request_key or request_id, self._shadow,
+                          self._default_timeout_s)
 
     async def Generate(self, request: orchestrator_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> orchestrator_pb2.GenerateResponse:

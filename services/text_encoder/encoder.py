@@ -1,5 +1,10 @@
-"""Prompt -> CLIP hidden states, exactly as diffusers' SD 1.x / SDXL pipelines encode prompts.
-Plain torch + transformers; no gRPC."""
+"""Prompt -> CLIP hidden states, as diffusers' SD 1.x / SDXL pipelines encode prompts, plus prompt
+weighting `(word:1.3)`, prompts longer than 77 tokens (77-token windows) and clip_skip; see
+prompt_weighting.py for the syntax and the weighting rule. Plain torch + transformers; no gRPC.
+
+An unweighted prompt of at most 75 tokens, with no prompt_2 and no clip_skip, gives exactly (bit for
+bit) what diffusers' encode_prompt gives: same ids, same forward pass, and weighting is skipped when
+every weight is 1."""
 from __future__ import annotations
 
 import json
@@ -12,12 +17,15 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffmesh.models.registry import ModelEntry, ModelFamily
+from diffmesh.runtime.errors import InvalidArgument
+from services.text_encoder.prompt_weighting import (
+    TokenChunk, apply_weights, parse_prompt_weights, tokenize_weighted, window_ids)
 
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
-    prompt_embeds: torch.Tensor                       # [1, 77, D]
-    negative_prompt_embeds: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor                       # [1, 77 * k, D]: k windows of 77 tokens
+    negative_prompt_embeds: torch.Tensor | None = None  # same shape as prompt_embeds
     pooled_prompt_embeds: torch.Tensor | None = None  # SDXL [1, P]
     negative_pooled_prompt_embeds: torch.Tensor | None = None
 
@@ -42,40 +50,97 @@ class ClipPromptEncoder:
         index = json.loads((entry.path / "model_index.json").read_text())
         # SDXL's pipelines use zero negative conditioning when no negative prompt is given.
         self.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", False))
+        # hidden_states has num_hidden_layers + 1 entries; SD 1.x reads [-(k+1)], SDXL [-(k+2)].
+        layers = min(encoder.config.num_hidden_layers for encoder in self.encoders)
+        self.max_clip_skip = layers - 1 if self.is_sdxl else layers
 
-    def _ids(self, tokenizer: CLIPTokenizer, text: str) -> torch.Tensor:
-        return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(self.device)
+    # -- tokens ---------------------------------------------------------------------------------
+    def _chunks(self, tokenizer: CLIPTokenizer, text: str, weighting: bool) -> list[TokenChunk]:
+        parsed = parse_prompt_weights(text) if weighting else [(text, 1.0)]
+        return tokenize_weighted(tokenizer, parsed)
 
-    def _encode_sd15(self, text: str) -> torch.Tensor:
-        encoder = self.encoders[0]
-        ids = self._ids(self.tokenizers[0], text)
-        mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
-            mask = (ids != self.tokenizers[0].pad_token_id).long()
-        return encoder(ids, attention_mask=mask)[0]
+    # -- one prompt through one encoder -------------------------------------------------------
+    def _run(self, index: int, chunks: list[TokenChunk], clip_skip: int | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states [1, 77 * len(chunks), D] of one prompt on encoder `index` (weighted, every
+        window encoded alone and concatenated along the sequence), and for SDXL's projection
+        encoder the pooled embedding [1, P] of the first window."""
+        tokenizer, encoder = self.tokenizers[index], self.encoders[index]
+        windows = [window_ids(tokenizer, chunk) for chunk in chunks]
+        ids = torch.tensor([w[0] for w in windows], dtype=torch.long, device=self.device)
+        weights = torch.tensor([w[1] for w in windows], dtype=torch.float32)
+        if self.is_sdxl:  # diffusers' SDXL encode_prompt passes no attention mask
+            out = encoder(ids, output_hidden_states=True)
+            pooled = out[0][:1] if out[0].ndim == 2 else None  # text_embeds of the projection encoder
+            hidden = out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)]
+        else:
+            mask = None
+            if getattr(encoder.config, "use_attention_mask", False):
+                mask = torch.tensor([w[2] for w in windows], dtype=torch.long, device=self.device)
+            pooled = None
+            if clip_skip is None:
+                hidden = encoder(ids, attention_mask=mask)[0]
+            else:
+                out = encoder(ids, attention_mask=mask, output_hidden_states=True)
+                # transformers 5 flattened CLIPTextModel (no .text_model); diffusers 0.42.1 still
+                # reads text_encoder.text_model and fails (huggingface/diffusers#14124)
+                final_layer_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+                hidden = final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+        if bool((weights != 1.0).any()):
+            hidden = apply_weights(hidden, weights)
+        return hidden.reshape(1, -1, hidden.shape[-1]), pooled
 
-    def _encode_sdxl(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
-            out = encoder(self._ids(tokenizer, text), output_hidden_states=True)
-            if pooled is None and out[0].ndim == 2:
-                pooled = out[0]  # text_embeds of the projection encoder
-            hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1), pooled
+    def _check(self, prompt_2: str | None, negative_prompt_2: str | None, clip_skip: int | None) -> None:
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
+                                      or not 0 <= clip_skip <= self.max_clip_skip):
+            raise InvalidArgument("clip_skip", clip_skip,
+                                  f"must be an integer from 0 to {self.max_clip_skip} for this model")
+        if not self.is_sdxl:
+            for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+                if value:
+                    raise InvalidArgument(name, value, "only SDXL models have a second text encoder")
 
     @torch.inference_mode()
-    def encode(self, prompt: str, negative_prompt: str | None, with_negative: bool) -> PromptEmbeddings:
-        if not self.is_sdxl:
-            positive = self._encode_sd15(prompt)
-            negative = self._encode_sd15(negative_prompt or "") if with_negative else None
-            return PromptEmbeddings(positive, negative)
-        positive, pooled = self._encode_sdxl(prompt)
+    def encode(self, prompt: str, negative_prompt: str | None, with_negative: bool, *,
+               prompt_2: str | None = None, negative_prompt_2: str | None = None,
+               clip_skip: int | None = None, weighting: bool = True) -> PromptEmbeddings:
+        """prompt_embeds [1, 77k, D] (+ negative of the same shape when with_negative; + pooled [1, P]
+        for SDXL). k is the number of 75-token windows of the longest of the prompts encoded;
+        shorter ones are padded with windows of the empty prompt so that CFG can batch them.
+
+        SDXL: prompt_2 / negative_prompt_2 go to tokenizer_2 / text_encoder_2; empty or None means
+        the same as prompt / negative_prompt (diffusers' `or`). With force_zeros_for_empty_prompt, a
+        negative_prompt of None gives all-zero negatives (whatever negative_prompt_2 is), as diffusers.
+        clip_skip: None = the pipeline default; k >= 0 reads hidden_states[-(k+1)] + final layer
+        norm (SD 1.x) / hidden_states[-(k+2)] (SDXL), as diffusers' encode_prompt does for the
+        prompt; unlike diffusers (which ignores it there) it applies to the negative prompt too.
+        weighting=False takes the texts literally (no attention syntax, no BREAK); long prompts are
+        still windowed."""
+        self._check(prompt_2, negative_prompt_2, clip_skip)
+        # texts[p][e]: prompt p (0 positive, 1 negative) on encoder e
+        texts = [[prompt, prompt_2 or prompt] if self.is_sdxl else [prompt]]
+        zero_negative = (with_negative and self.is_sdxl and negative_prompt is None
+                         and self.force_zeros_for_empty_prompt)
+        if with_negative and not zero_negative:
+            negative = negative_prompt or ""
+            texts.append([negative, negative_prompt_2 or negative] if self.is_sdxl else [negative])
+        chunks = [[self._chunks(self.tokenizers[e], text, weighting) for e, text in enumerate(row)]
+                  for row in texts]
+        count = max(len(c) for row in chunks for c in row)
+        results = []
+        for row in chunks:
+            hidden, pooled = [], None
+            for e, c in enumerate(row):
+                h, p = self._run(e, c + [TokenChunk() for _ in range(count - len(c))], clip_skip)
+                hidden.append(h)
+                pooled = p if p is not None else pooled
+            results.append((torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0], pooled))
+        positive, pooled = results[0]
         if not with_negative:
             return PromptEmbeddings(positive, None, pooled)
-        if negative_prompt is None and self.force_zeros_for_empty_prompt:
+        if zero_negative:
             return PromptEmbeddings(positive, torch.zeros_like(positive), pooled, torch.zeros_like(pooled))
-        negative, negative_pooled = self._encode_sdxl(negative_prompt or "")
+        negative, negative_pooled = results[1]
         return PromptEmbeddings(positive, negative, pooled, negative_pooled)
 
 

@@ -214,7 +214,9 @@ def test_service_configs_load_with_defaults(service: str) -> None:
     ("text_encoder", ["--cache-size", "-1"], "cache_size"),
     ("text_encoder", ["--dtype", "float8"], "dtype"),
     ("orchestrator", ["--default-strength", "0"], "default_strength"),
-    ("orchestrator", ["--denoiser-canary-weight", "1.5"], "denoiser_canary_weight"),
+    ("orchestrator", ["--denoiser-canary-weight", "150"], "denoiser_canary_weight"),
+    ("orchestrator", ["--vae-shadow-percent", "-1"], "vae_shadow_percent"),
+    ("orchestrator", ["--denoiser-address", "a.example:1,b.example:1"], "denoiser_address"),
     ("orchestrator", ["--max-size", "4"], "max_size"),
 ])
 def test_service_configs_reject_bad_values(service: str, argv: list[str], setting_name: str) -> None:
@@ -238,10 +240,10 @@ def test_orchestrator_validate() -> None:
             load_config(cls, [flag, "0.1"], environ={})
         with pytest.raises(ConfigError, match=f"{stage}_address"):
             load_config(cls, [f"--{stage.replace('_', '-')}-address", ""], environ={})
-    config = load_config(cls, ["--vae-canary-weight", "0.25", "--vae-canary-address", "10.0.0.9:1"],
-                         environ={})
+    config = load_config(cls, ["--vae-canary-weight", "25", "--vae-canary-address", "10.0.0.9:1",
+                               "--vae-shadow-percent", "5"], environ={})
     vae = {route.stage: route for route in config.routes()}["vae"]
-    assert (vae.stable, vae.canary, vae.canary_weight) == ("127.0.0.1:50063", "10.0.0.9:1", 0.25)
+    assert (vae.stable, vae.canary, vae.canary_weight, vae.shadow_percent) == ("127.0.0.1:50063", "10.0.0.9:1", 25, 5)
     limits = config.limits()
     assert limits.max_init_image_bytes == 32 * 1024 * 1024 and limits.default_steps == 30
 
@@ -277,3 +279,16 @@ def test_run_stage_reads_the_environment(clean_env: None, monkeypatch: pytest.Mo
     monkeypatch.setenv("DIFFMESH_COUNT", "many")
     assert run_stage(lambda config: None, DemoConfig, [], "diffmesh-demo") == 2
     assert "env DIFFMESH_COUNT" in capsys.readouterr().err
+
+
+def test_channel_targets_for_one_name_or_several_replicas() -> None:
+    from diffmesh.runtime.channels import channel_target
+
+    assert channel_target("denoiser.ns.svc:50062") == "dns:///denoiser.ns.svc:50062"
+    assert channel_target("10.0.0.1:1, 10.0.0.2:1") == "ipv4:10.0.0.1:1,10.0.0.2:1"
+    assert channel_target("[::1]:5,[fe80::1]:6") == "ipv6:[::1]:5,[fe80::1]:6"
+    assert channel_target("ipv4:1.2.3.4:5") == "ipv4:1.2.3.4:5"
+    with pytest.raises(ValueError, match="IP:port"):
+        channel_target("a.example:1,b.example:1")
+    with pytest.raises(ValueError, match="mix"):
+        channel_target("10.0.0.1:1,[::1]:2")

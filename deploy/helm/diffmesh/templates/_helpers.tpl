@@ -1,0 +1,191 @@
+{{/*
+Names. Resources are "<fullname>-<stage>[-canary]" with the stage's underscores as dashes
+(text_encoder -> text-encoder). fullname is cut to 42 characters so that the longest name,
+"<fullname>-text-encoder-canary", stays a valid 63-character DNS label.
+*/}}
+{{- define "diffmesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "diffmesh.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 42 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "diffmesh.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The stages this chart knows, in pipeline order (the schema rejects any other key). */}}
+{{- define "diffmesh.stageOrder" -}}
+text_encoder denoiser vae orchestrator face safety
+{{- end -}}
+
+{{/* Stages the orchestrator cannot run without. */}}
+{{- define "diffmesh.requiredStages" -}}
+text_encoder denoiser vae
+{{- end -}}
+
+{{/* dict "root" $ "stage" "text_encoder" -> "text-encoder" */}}
+{{- define "diffmesh.stageDash" -}}
+{{- .stage | replace "_" "-" -}}
+{{- end -}}
+
+{{/* dict "root" $ "stage" name "variant" stable|canary -> resource name */}}
+{{- define "diffmesh.resourceName" -}}
+{{- $base := printf "%s-%s" (include "diffmesh.fullname" .root) (include "diffmesh.stageDash" .) -}}
+{{- if eq .variant "canary" -}}{{ $base }}-canary{{- else -}}{{ $base }}{{- end -}}
+{{- end -}}
+
+{{- define "diffmesh.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "diffmesh.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels every object carries, less the selector ones. Takes the root context. */}}
+{{- define "diffmesh.metaLabels" -}}
+helm.sh/chart: {{ include "diffmesh.chart" . }}
+app.kubernetes.io/part-of: diffmesh
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Labels of release-wide objects (ConfigMap, ServiceAccount, ServiceMonitor). Root context. */}}
+{{- define "diffmesh.commonLabels" -}}
+{{ include "diffmesh.metaLabels" . }}
+app.kubernetes.io/name: {{ include "diffmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Selector of every pod of one stage, both variants (PDB, NetworkPolicy). dict root stage */}}
+{{- define "diffmesh.stageSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "diffmesh.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ include "diffmesh.stageDash" . }}
+{{- end -}}
+
+{{/* Selector of one stage's variant (Deployment, Service, HPA). dict root stage variant */}}
+{{- define "diffmesh.selectorLabels" -}}
+{{ include "diffmesh.stageSelectorLabels" . }}
+diffmesh.io/variant: {{ .variant }}
+{{- end -}}
+
+{{/* Labels of one stage's variant objects. dict root stage variant */}}
+{{- define "diffmesh.labels" -}}
+{{ include "diffmesh.metaLabels" .root }}
+{{ include "diffmesh.selectorLabels" . }}
+{{- end -}}
+
+{{/* Labels of one stage's objects spanning both variants (PDB, NetworkPolicy). dict root stage */}}
+{{- define "diffmesh.stageLabels" -}}
+{{ include "diffmesh.metaLabels" .root }}
+{{ include "diffmesh.stageSelectorLabels" . }}
+{{- end -}}
+
+{{/*
+The image of a stage's variant: canary overrides > stage overrides > global image; the default
+tag is the appVersion plus the CPU or CUDA suffix. dict root stage variant
+*/}}
+{{- define "diffmesh.image" -}}
+{{- $g := .root.Values.image -}}
+{{- $s := (get .root.Values.stages .stage).image -}}
+{{- $c := dict -}}
+{{- if eq .variant "canary" -}}{{- $c = (get .root.Values.stages .stage).canary.image -}}{{- end -}}
+{{- $gpu := (get .root.Values.stages .stage).gpu -}}
+{{- $repo := coalesce $c.repository $s.repository $g.repository -}}
+{{- $digest := coalesce $c.digest $s.digest $g.digest -}}
+{{- $suffix := ternary $g.gpuTagSuffix $g.cpuTagSuffix $gpu -}}
+{{- $tag := coalesce $c.tag $s.tag $g.tag (printf "%s%s" .root.Chart.AppVersion $suffix) -}}
+{{- if $digest -}}
+{{- printf "%s@%s" $repo $digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A setting's value as an env string: lists comma-joined, whole floats without a fraction. */}}
+{{- define "diffmesh.settingValue" -}}
+{{- if kindIs "slice" . -}}
+{{- join "," . -}}
+{{- else if and (kindIs "float64" .) (eq (floor .) .) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* host:port of an enabled stage's stable or canary Service. dict root stage variant */}}
+{{- define "diffmesh.serviceAddress" -}}
+{{- $s := get .root.Values.stages .stage -}}
+{{- printf "%s:%d" (include "diffmesh.resourceName" .) (int $s.port) -}}
+{{- end -}}
+
+{{/*
+Fails the render for values a schema cannot check: cross-field rules of one stage.
+dict root stage
+*/}}
+{{- define "diffmesh.validateStage" -}}
+{{- $s := get .root.Values.stages .stage -}}
+{{- $drain := addf (float64 $s.gracePeriodS) (float64 .root.Values.preStopSleepSeconds) -}}
+{{- if le (float64 $s.terminationGracePeriodSeconds) $drain -}}
+{{- fail (printf "stages.%s.terminationGracePeriodSeconds (%v) must be longer than gracePeriodS (%v) + preStopSleepSeconds (%v): the kubelet would SIGKILL the stage mid-drain" .stage $s.terminationGracePeriodSeconds $s.gracePeriodS .root.Values.preStopSleepSeconds) -}}
+{{- end -}}
+{{- if lt (float64 $s.gracePeriodS) 0.0 -}}{{- fail (printf "stages.%s.gracePeriodS must be >= 0" .stage) -}}{{- end -}}
+{{- if eq (int $s.port) (int $s.metricsPort) -}}
+{{- fail (printf "stages.%s: port and metricsPort are both %v" .stage $s.port) -}}
+{{- end -}}
+{{- if and $s.autoscaling.enabled (lt (int $s.autoscaling.maxReplicas) (int $s.autoscaling.minReplicas)) -}}
+{{- fail (printf "stages.%s.autoscaling: maxReplicas (%v) < minReplicas (%v)" .stage $s.autoscaling.maxReplicas $s.autoscaling.minReplicas) -}}
+{{- end -}}
+{{- if and $s.canary.enabled $s.canary.autoscaling.enabled (lt (int $s.canary.autoscaling.maxReplicas) (int $s.canary.autoscaling.minReplicas)) -}}
+{{- fail (printf "stages.%s.canary.autoscaling: maxReplicas (%v) < minReplicas (%v)" .stage $s.canary.autoscaling.maxReplicas $s.canary.autoscaling.minReplicas) -}}
+{{- end -}}
+{{- $reserved := list "host" "port" "metrics_port" "registry" "grace_period_s" "variant" -}}
+{{- range $stageName := splitList " " (include "diffmesh.stageOrder" .root) -}}
+{{- $reserved = concat $reserved (list (printf "%s_address" $stageName) (printf "%s_canary_address" $stageName) (printf "%s_canary_weight" $stageName) (printf "%s_shadow_percent" $stageName)) -}}
+{{- end -}}
+{{- $sources := list (list "settings" $.root.Values.settings) (list (printf "stages.%s.settings" .stage) $s.settings) (list (printf "stages.%s.canary.settings" .stage) $s.canary.settings) -}}
+{{- range $pair := $sources -}}
+{{- range $key, $_ := (index $pair 1) -}}
+{{- if has $key $reserved -}}
+{{- fail (printf "%s.%s is set by the chart (use the stage's port, metricsPort, gracePeriodS, canary or registry values)" (index $pair 0) $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The registry file path inside the containers. */}}
+{{- define "diffmesh.registryPath" -}}
+{{- if eq .Values.registry.source "volume" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.models.mountPath) (trimPrefix "/" .Values.registry.path) -}}
+{{- else -}}
+/etc/diffmesh/registry/registry.yaml
+{{- end -}}
+{{- end -}}
+
+{{/* The registry YAML the chart writes (configMap source): relative paths under models.mountPath. */}}
+{{- define "diffmesh.registryContent" -}}
+{{- $mount := trimSuffix "/" .Values.models.mountPath -}}
+{{- $models := dict -}}
+{{- range $id, $spec := .Values.registry.models -}}
+{{- $path := $spec.path -}}
+{{- if not (hasPrefix "/" $path) -}}{{- $path = printf "%s/%s" $mount $path -}}{{- end -}}
+{{- $_ := set $models $id (dict "path" $path) -}}
+{{- end -}}
+{{- toYaml (dict "models" $models) -}}
+{{- end -}}
+
+{{- define "diffmesh.registryConfigMapName" -}}
+{{- if .Values.registry.existingConfigMap -}}
+{{- .Values.registry.existingConfigMap -}}
+{{- else -}}
+{{- printf "%s-registry" (include "diffmesh.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* An IntOrString value: "25%" quoted, a number as an integer. */}}
+{{- define "diffmesh.intOrString" -}}
+{{- if kindIs "string" . -}}{{- quote . -}}{{- else -}}{{- int . -}}{{- end -}}
+{{- end -}}
