@@ -59,7 +59,8 @@ def _generate(args: argparse.Namespace) -> int:
         request = build_request(
             args.prompt, negative_prompt=args.negative_prompt, model=args.model, width=args.width,
             height=args.height, steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance,
-            seed=args.seed, count=args.count, strength=args.strength, output_format=fmt,
+            seed=args.seed, count=args.count, strength=args.strength, output_format=fmt, prompt_2=args.prompt_2,
+            negative_prompt_2=args.negative_prompt_2, clip_skip=args.clip_skip, literal_prompt=args.literal_prompt,
             init_image=Path(args.init_image) if args.init_image else None)
     except (OSError, ValueError) as exc:
         print(f"diffmesh generate: {exc}", file=sys.stderr)
@@ -192,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images through a running mesh")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt")
+    gen.add_argument("--prompt-2", help="SDXL: prompt for the second text encoder")
+    gen.add_argument("--negative-prompt-2", help="SDXL: negative prompt for the second text encoder")
+    gen.add_argument("--clip-skip", type=int, help="skip this many final CLIP layers")
+    gen.add_argument("--literal-prompt", action="store_true", help="no (word:1.3) weighting syntax")
     gen.add_argument("--model", default="")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)

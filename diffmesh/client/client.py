@@ -19,15 +19,17 @@ def build_request(prompt: str, *, negative_prompt: str | None = None, model: str
                   scheduler: str = "", guidance_scale: float | None = None, seed: int | None = None,
                   count: int | None = None, init_image: bytes | Path | None = None,
                   strength: float | None = None, output_format: str = "png", quality: int = 0,
-                  request_key: str = "") -> orchestrator_pb2.GenerateRequest:
-    request = orchestrator_pb2.GenerateRequest(prompt=prompt, model=model, scheduler=scheduler,
-                                               quality=quality, request_key=request_key)
+                  request_key: str = "", prompt_2: str | None = None, negative_prompt_2: str | None = None,
+                  clip_skip: int | None = None, literal_prompt: bool = False) -> orchestrator_pb2.GenerateRequest:
+    request = orchestrator_pb2.GenerateRequest(prompt=prompt, model=model, scheduler=scheduler, quality=quality,
+                                               request_key=request_key, literal_prompt=literal_prompt)
     fmt = _FORMATS.get(output_format.lower())
     if fmt is None:
         raise ValueError(f"output_format must be one of {', '.join(_FORMATS)}, got {output_format!r}")
     request.output_format = fmt
     optional = dict(negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-                    guidance_scale=guidance_scale, seed=seed, count=count, strength=strength)
+                    guidance_scale=guidance_scale, seed=seed, count=count, strength=strength, prompt_2=prompt_2,
+                    negative_prompt_2=negative_prompt_2, clip_skip=clip_skip)
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)

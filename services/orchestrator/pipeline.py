@@ -136,9 +136,10 @@ class Generation:
     async def encode_text(self) -> text_encoder_pb2.EncodeTextResponse:
         plan = self.plan
         request = text_encoder_pb2.EncodeTextRequest(model_id=plan.model.entry.id, prompt=plan.prompt,
-                                                     with_negative=plan.guided)
-        if plan.negative_prompt is not None:
-            request.negative_prompt = plan.negative_prompt
+                                                     with_negative=plan.guided, literal_prompt=plan.literal_prompt)
+        for name in ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip"):
+            if getattr(plan, name) is not None:
+                setattr(request, name, getattr(plan, name))
         return await self._unary("text_encoder", "text_encoder", text_encoder_pb2_grpc.TextEncoderStub, "Encode",
                                  request)
 

@@ -20,6 +20,7 @@ from diffmesh.proto.v1 import common_pb2, orchestrator_pb2
 from diffmesh.runtime.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1
+MAX_CLIP_SKIP = 24
 VAE_MULTIPLE = 8
 # diffusers' own defaults per family (StableDiffusionPipeline 7.5, StableDiffusionXLPipeline 5.0).
 DEFAULT_GUIDANCE = {ModelFamily.SD15: 7.5, ModelFamily.SDXL: 5.0}
@@ -88,6 +89,10 @@ class GenerationPlan:
     strength: float
     output_format: int
     quality: int
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    clip_skip: int | None = None
+    literal_prompt: bool = False
 
     @property
     def guided(self) -> bool:
@@ -119,10 +124,23 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
     if negative is not None:
         _check_prompt("negative_prompt", negative, limits, required=False)
 
+    second = {}
+    for name in ("prompt_2", "negative_prompt_2"):
+        if request.HasField(name):
+            _check_prompt(name, getattr(request, name), limits, required=False)
+            second[name] = getattr(request, name)
+    clip_skip = request.clip_skip if request.HasField("clip_skip") else None
+    if clip_skip is not None and not 0 <= clip_skip <= MAX_CLIP_SKIP:
+        raise InvalidArgument("clip_skip", clip_skip, f"must be in [0, {MAX_CLIP_SKIP}]")
+
     model_id = request.model or limits.default_model or (catalog.ids()[0] if catalog.ids() else "")
     model = catalog.get(model_id)
     if model is None:
         raise InvalidArgument("model", model_id, f"unknown model; known: {', '.join(catalog.ids())}")
+    for name, value in second.items():
+        if model.family != ModelFamily.SDXL and value:
+            raise InvalidArgument(name, value, f"only SDXL models have a second text encoder ({model_id} is "
+                                               f"{model.family.value})")
 
     scheduler = request.scheduler or limits.default_scheduler
     if lookup_scheduler(scheduler) is None:
@@ -189,4 +207,5 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
         width=width, height=height, steps=steps, scheduler=scheduler, guidance_scale=float(guidance),
         seeds=[seed + i for i in range(count)], init_pixels=init_pixels, strength=float(strength),
         output_format=request.output_format or common_pb2.PNG, quality=request.quality,
+        clip_skip=clip_skip, literal_prompt=request.literal_prompt, **second,
     )

@@ -1,6 +1,9 @@
 """TextEncoder gRPC servicer: request -> ClipPromptEncoder.encode (through the cache) -> tensors."""
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import grpc
 
 from diffmesh.models.pool import ModelPool
@@ -12,6 +15,10 @@ from diffmesh.runtime.telemetry import annotate, traced
 from services.text_encoder.encoder import ClipPromptEncoder, EmbeddingCache
 
 
+def _optional(request: text_encoder_pb2.EncodeTextRequest, name: str) -> Any:
+    return getattr(request, name) if request.HasField(name) else None
+
+
 class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, models: ModelPool[ClipPromptEncoder], admission: Admission, cache: EmbeddingCache) -> None:
         self._models = models
@@ -21,9 +28,12 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
     async def Encode(self, request: text_encoder_pb2.EncodeTextRequest,
                      context: grpc.aio.ServicerContext) -> text_encoder_pb2.EncodeTextResponse:
         model = self._models.get(request.model_id)
-        negative = request.negative_prompt if request.HasField("negative_prompt") else None
-        key = (request.model_id, prompt_hash(request.prompt),
-               None if negative is None else prompt_hash(negative), request.with_negative)
+        negative = _optional(request, "negative_prompt")
+        options = dict(prompt_2=_optional(request, "prompt_2"), negative_prompt_2=_optional(request, "negative_prompt_2"),
+                       clip_skip=_optional(request, "clip_skip"), weighting=not request.literal_prompt)
+        texts = (request.prompt, negative, options["prompt_2"], options["negative_prompt_2"])
+        key = (request.model_id, *(None if t is None else prompt_hash(t) for t in texts), request.with_negative,
+               options["clip_skip"], options["weighting"])
         embeddings = self._cache.get(key)
         hit = embeddings is not None
         annotate(**{"diffmesh.model": request.model_id, "diffmesh.prompt_hash": key[1], "diffmesh.cache_hit": hit})
@@ -31,7 +41,7 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         if embeddings is None:
             async with self._admission.slot() as usage:
                 embeddings = await self._admission.submit(
-                    usage, traced("encode_prompt", model.encode, **{"diffmesh.model": request.model_id}),
+                    usage, traced("encode_prompt", partial(model.encode, **options), **{"diffmesh.model": request.model_id}),
                     request.prompt, negative, request.with_negative)
             self._cache.put(key, embeddings)
         response = text_encoder_pb2.EncodeTextResponse(cache_hit=hit)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from diffmesh.proto.v1 import common_pb2 as diffmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffmesh/v1/orchestrator.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/common.proto\"\xca\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\tscheduler\x18\x07 \x01(\t\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x12\n\x05\x63ount\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x12\n\ninit_image\x18\x0b \x01(\x0c\x12\x15\n\x08strength\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12/\n\routput_format\x18\r \x01(\x0e\x32\x18.diffmesh.v1.ImageFormat\x12\x0f\n\x07quality\x18\x0e \x01(\x05\x12\x13\n\x0brequest_key\x18\x0f \x01(\tB\x12\n\x10_negative_promptB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x08\n\x06_countB\x0b\n\t_strength\"W\n\x0eGeneratedImage\x12(\n\x05image\x18\x01 \x01(\x0b\x32\x19.diffmesh.v1.EncodedImage\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\r\n\x05index\x18\x03 \x01(\x05\"\x95\x02\n\x0eGenerationInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tscheduler\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x10\n\x08strength\x18\x06 \x01(\x02\x12\r\n\x05width\x18\x07 \x01(\x05\x12\x0e\n\x06height\x18\x08 \x01(\x05\x12)\n\x07timings\x18\t \x03(\x0b\x32\x18.diffmesh.v1.StageTiming\x12\x10\n\x08total_ms\x18\n \x01(\x01\x12&\n\x04\x63ost\x18\x0b \x01(\x0b\x32\x18.diffmesh.v1.RequestCost\x12\x10\n\x08trace_id\x18\x0c \x01(\t\"j\n\x10GenerateResponse\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.diffmesh.v1.GeneratedImage\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.diffmesh.v1.GenerationInfo\"E\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\"x\n\rGenerateEvent\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.diffmesh.v1.StepProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.diffmesh.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent2\xa5\x01\n\x0cOrchestrator\x12G\n\x08Generate\x12\x1c.diffmesh.v1.GenerateRequest\x1a\x1d.diffmesh.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.diffmesh.v1.GenerateRequest\x1a\x1a.diffmesh.v1.GenerateEvent0\x01\x42<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffmesh/v1/orchestrator.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/common.proto\"\xe2\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\tscheduler\x18\x07 \x01(\t\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x12\n\x05\x63ount\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x12\n\ninit_image\x18\x0b \x01(\x0c\x12\x15\n\x08strength\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12/\n\routput_format\x18\r \x01(\x0e\x32\x18.diffmesh.v1.ImageFormat\x12\x0f\n\x07quality\x18\x0e \x01(\x05\x12\x13\n\x0brequest_key\x18\x0f \x01(\t\x12\x15\n\x08prompt_2\x18\x10 \x01(\tH\x08\x88\x01\x01\x12\x1e\n\x11negative_prompt_2\x18\x11 \x01(\tH\t\x88\x01\x01\x12\x16\n\tclip_skip\x18\x12 \x01(\x05H\n\x88\x01\x01\x12\x16\n\x0eliteral_prompt\x18\x13 \x01(\x08\x42\x12\n\x10_negative_promptB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x08\n\x06_countB\x0b\n\t_strengthB\x0b\n\t_prompt_2B\x14\n\x12_negative_prompt_2B\x0c\n\n_clip_skip\"W\n\x0eGeneratedImage\x12(\n\x05image\x18\x01 \x01(\x0b\x32\x19.diffmesh.v1.EncodedImage\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\r\n\x05index\x18\x03 \x01(\x05\"\x95\x02\n\x0eGenerationInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tscheduler\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x10\n\x08strength\x18\x06 \x01(\x02\x12\r\n\x05width\x18\x07 \x01(\x05\x12\x0e\n\x06height\x18\x08 \x01(\x05\x12)\n\x07timings\x18\t \x03(\x0b\x32\x18.diffmesh.v1.StageTiming\x12\x10\n\x08total_ms\x18\n \x01(\x01\x12&\n\x04\x63ost\x18\x0b \x01(\x0b\x32\x18.diffmesh.v1.RequestCost\x12\x10\n\x08trace_id\x18\x0c \x01(\t\"j\n\x10GenerateResponse\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.diffmesh.v1.GeneratedImage\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.diffmesh.v1.GenerationInfo\"E\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\"x\n\rGenerateEvent\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.diffmesh.v1.StepProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.diffmesh.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent2\xa5\x01\n\x0cOrchestrator\x12G\n\x08Generate\x12\x1c.diffmesh.v1.GenerateRequest\x1a\x1d.diffmesh.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.diffmesh.v1.GenerateRequest\x1a\x1a.diffmesh.v1.GenerateEvent0\x01\x42<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1'
   _globals['_GENERATEREQUEST']._serialized_start=74
-  _globals['_GENERATEREQUEST']._serialized_end=532
-  _globals['_GENERATEDIMAGE']._serialized_start=534
-  _globals['_GENERATEDIMAGE']._serialized_end=621
-  _globals['_GENERATIONINFO']._serialized_start=624
-  _globals['_GENERATIONINFO']._serialized_end=901
-  _globals['_GENERATERESPONSE']._serialized_start=903
-  _globals['_GENERATERESPONSE']._serialized_end=1009
-  _globals['_STEPPROGRESS']._serialized_start=1011
-  _globals['_STEPPROGRESS']._serialized_end=1080
-  _globals['_GENERATEEVENT']._serialized_start=1082
-  _globals['_GENERATEEVENT']._serialized_end=1202
-  _globals['_ORCHESTRATOR']._serialized_start=1205
-  _globals['_ORCHESTRATOR']._serialized_end=1370
+  _globals['_GENERATEREQUEST']._serialized_end=684
+  _globals['_GENERATEDIMAGE']._serialized_start=686
+  _globals['_GENERATEDIMAGE']._serialized_end=773
+  _globals['_GENERATIONINFO']._serialized_start=776
+  _globals['_GENERATIONINFO']._serialized_end=1053
+  _globals['_GENERATERESPONSE']._serialized_start=1055
+  _globals['_GENERATERESPONSE']._serialized_end=1161
+  _globals['_STEPPROGRESS']._serialized_start=1163
+  _globals['_STEPPROGRESS']._serialized_end=1232
+  _globals['_GENERATEEVENT']._serialized_start=1234
+  _globals['_GENERATEEVENT']._serialized_end=1354
+  _globals['_ORCHESTRATOR']._serialized_start=1357
+  _globals['_ORCHESTRATOR']._serialized_end=1522
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "model", "width", "height", "steps", "scheduler", "guidance_scale", "seed", "count", "init_image", "strength", "output_format", "quality", "request_key")
+    __slots__ = ("prompt", "negative_prompt", "model", "width", "height", "steps", "scheduler", "guidance_scale", "seed", "count", "init_image", "strength", "output_format", "quality", "request_key", "prompt_2", "negative_prompt_2", "clip_skip", "literal_prompt")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,10 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_2_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_2_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SKIP_FIELD_NUMBER: _ClassVar[int]
+    LITERAL_PROMPT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     model: str
@@ -39,7 +43,11 @@ class GenerateRequest(_message.Message):
     output_format: _common_pb2.ImageFormat
     quality: int
     request_key: str
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., count: _Optional[int] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., request_key: _Optional[str] = ...) -> None: ...
+    prompt_2: str
+    negative_prompt_2: str
+    clip_skip: int
+    literal_prompt: bool
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., count: _Optional[int] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., request_key: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., clip_skip: _Optional[int] = ..., literal_prompt: _Optional[bool] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
     __slots__ = ("image", "seed", "index")

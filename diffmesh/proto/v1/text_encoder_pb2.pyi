@@ -8,16 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeTextRequest(_message.Message):
-    __slots__ = ("model_id", "prompt", "negative_prompt", "with_negative")
+    __slots__ = ("model_id", "prompt", "negative_prompt", "with_negative", "prompt_2", "negative_prompt_2", "clip_skip", "literal_prompt")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WITH_NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_2_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_2_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SKIP_FIELD_NUMBER: _ClassVar[int]
+    LITERAL_PROMPT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     prompt: str
     negative_prompt: str
     with_negative: bool
-    def __init__(self, model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., with_negative: _Optional[bool] = ...) -> None: ...
+    prompt_2: str
+    negative_prompt_2: str
+    clip_skip: int
+    literal_prompt: bool
+    def __init__(self, model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., with_negative: _Optional[bool] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., clip_skip: _Optional[int] = ..., literal_prompt: _Optional[bool] = ...) -> None: ...
 
 class EncodeTextResponse(_message.Message):
     __slots__ = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "cache_hit", "usage")
