@@ -34,6 +34,11 @@ class SchedulerSpec:
     stochastic: bool = False  # step() draws noise (from the per-image generators: seeded)
 
     @property
+    def accepts_timesteps(self) -> bool:
+        """Custom timesteps work: the class takes them and no sigma schedule is fixed by the name."""
+        return self.custom_timesteps and self.fixed_sigma_schedule is None
+
+    @property
     def fixed_sigma_schedule(self) -> str | None:
         """The sigma schedule the name itself implies (dpmpp_2m_karras: karras), if any."""
         for schedule, flag in _SIGMA_FLAGS.items():
@@ -48,7 +53,7 @@ class SchedulerSpec:
             options.append("spacing " + "/".join(TIMESTEP_SPACINGS))
         if self.sigma_schedules:
             options.append("sigmas " + "/".join(self.sigma_schedules))
-        if self.custom_timesteps:
+        if self.accepts_timesteps:
             options.append("custom timesteps")
         if self.stochastic:
             options.append("stochastic (seeded)")
@@ -152,7 +157,7 @@ def scheduler_overrides(spec: SchedulerSpec, timestep_spacing: str | None = None
         overrides.update({flag: schedule == sigma_schedule for schedule, flag in _SIGMA_FLAGS.items()})
     if custom_timesteps:
         if not spec.custom_timesteps:
-            supported = [s.name for s in SCHEDULERS.values() if s.custom_timesteps and s.fixed_sigma_schedule is None]
+            supported = [s.name for s in SCHEDULERS.values() if s.accepts_timesteps]
             raise InvalidArgument("timesteps", "[...]", f"scheduler {spec.name} cannot take custom timesteps; "
                                   f"use one of {', '.join(supported)}")
         schedule = sigma_schedule or spec.fixed_sigma_schedule

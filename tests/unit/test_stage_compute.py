@@ -104,6 +104,15 @@ def test_img2img_runs_strength_times_steps(denoiser):
     (dict(init_latents=torch.zeros(2, 4, 8, 8), strength=0.05), "strength"),
     (dict(conditioning=Conditioning(torch.zeros(1, 77, 32), None)), "negative_prompt_embeds"),
     (dict(conditioning=Conditioning(torch.zeros(2, 77, 32), torch.zeros(2, 77, 32))), "prompt_embeds.shape"),
+    (dict(steps=0), "steps"),
+    (dict(guidance_rescale=1.5), "guidance_rescale"),
+    (dict(guidance_rescale=float("nan")), "guidance_rescale"),
+    (dict(preview_every=-1), "preview_every"),
+    (dict(timesteps=[900, 500], steps=3), "steps"),
+    (dict(scheduler=SCHEDULERS["ddim"], timesteps=[900, 500], steps=0), "timesteps"),
+    (dict(timestep_spacing="trailing", timesteps=[900, 500], steps=0), "timestep_spacing"),
+    (dict(scheduler=SCHEDULERS["pndm"], sigma_schedule="karras"), "sigma_schedule"),
+    (dict(change_map=torch.zeros(1, 1, 64, 64)), "change_map"),
 ])
 def test_check_job_names_the_field(denoiser, changes, field):
     with pytest.raises(InvalidArgument) as info:
