@@ -61,6 +61,11 @@ def _generate(args: argparse.Namespace) -> int:
             height=args.height, steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance,
             seed=args.seed, count=args.count, strength=args.strength, output_format=fmt, prompt_2=args.prompt_2,
             negative_prompt_2=args.negative_prompt_2, clip_skip=args.clip_skip, literal_prompt=args.literal_prompt,
+            timesteps=_int_list(args.timesteps), timestep_anchors=_anchors(args.timestep_anchors),
+            timestep_spacing=args.spacing or "", sigma_schedule=args.sigmas or "",
+            guidance_rescale=args.guidance_rescale, change_map=Path(args.change_map) if args.change_map else None,
+            mask=Path(args.mask) if args.mask else None, mask_feather=args.mask_feather,
+            paste_back=args.paste_back, preview_every=args.preview_every or (1 if args.preview_dir else 0),
             init_image=Path(args.init_image) if args.init_image else None)
     except (OSError, ValueError) as exc:
         print(f"diffmesh generate: {exc}", file=sys.stderr)
@@ -72,8 +77,10 @@ def _generate(args: argparse.Namespace) -> int:
             for event in client.generate_stream(request, timeout=args.timeout):
                 if event.HasField("progress"):
                     if bar is None:
-                        bar = tqdm(total=event.progress.total_steps, unit="step", disable=args.json, file=sys.stderr)
+                        bar = tqdm(total=event.progress.total_steps, unit="it", disable=args.json, file=sys.stderr)
                     bar.update(event.progress.step - bar.n)
+                    if args.preview_dir:
+                        _write_previews(Path(args.preview_dir), event.progress)
                 else:
                     result = event.result
     except grpc.RpcError as exc:
@@ -101,6 +108,30 @@ def _generate(args: argparse.Namespace) -> int:
         for path, image in zip(paths, result.images):
             print(f"{path}  seed={image.seed}")
         print(format_timings(result.info))
+    return 0
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    return [int(part) for part in text.split(",") if part.strip()] if text else None
+
+
+def _anchors(text: str | None) -> list[int] | None:
+    from diffmesh.models.timesteps import FACE_DETAIL_ANCHORS
+
+    return list(FACE_DETAIL_ANCHORS) if text == "default" else _int_list(text)
+
+
+def _write_previews(folder: Path, progress) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, preview in enumerate(progress.previews):
+        (folder / f"step-{progress.step:04d}-{index}.jpg").write_bytes(preview.data)
+
+
+def _schedulers(args: argparse.Namespace) -> int:
+    from diffmesh.models.schedulers import list_schedulers
+
+    for spec in list_schedulers(aliases=args.aliases):
+        print(f"{spec.name:<34}{spec.summary()}")
     return 0
 
 
@@ -197,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt-2", help="SDXL: negative prompt for the second text encoder")
     gen.add_argument("--clip-skip", type=int, help="skip this many final CLIP layers")
     gen.add_argument("--literal-prompt", action="store_true", help="no (word:1.3) weighting syntax")
+    gen.add_argument("--timesteps", help="explicit descending timesteps, comma-separated")
+    gen.add_argument("--timestep-anchors", help="anchors interpolated to --steps ('default': the face-detailing set)")
+    gen.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="timestep spacing")
+    gen.add_argument("--sigmas", choices=("karras", "exponential"), help="sigma schedule")
+    gen.add_argument("--guidance-rescale", type=float)
+    gen.add_argument("--change-map", help="grey image: 0 keeps a pixel, 255 regenerates it (with --init-image)")
+    gen.add_argument("--mask", help="black/white inpaint mask, white regenerates (with --init-image)")
+    gen.add_argument("--mask-feather", type=float, help="feather the mask by this many pixels")
+    gen.add_argument("--paste-back", action="store_true", help="kept pixels are the init image's exactly")
+    gen.add_argument("--preview-every", type=int, help="a preview every N steps")
+    gen.add_argument("--preview-dir", help="write the previews here (every step unless --preview-every)")
     gen.add_argument("--model", default="")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
@@ -212,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", default="127.0.0.1:50051")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.add_argument("--json", action="store_true", help="print the response metadata as JSON")
+
+    schedulers = sub.add_parser("schedulers", help="list the scheduler names")
+    schedulers.add_argument("--aliases", action="store_true", help="include diffusers class names")
 
     up = sub.add_parser("up", help="start a local mesh that stays up (make up)")
     up.add_argument("--registry", default=str(DEFAULT_MODELS_ROOT / "registry.yaml"))
@@ -239,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handlers = {"models": _models, "generate": _generate, "up": _up, "down": _down, "demo": _demo}
+    handlers = {"models": _models, "generate": _generate, "up": _up, "down": _down, "demo": _demo,
+                "schedulers": _schedulers}
     return handlers[args.command](args)
 
 

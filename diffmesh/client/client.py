@@ -20,21 +20,31 @@ def build_request(prompt: str, *, negative_prompt: str | None = None, model: str
                   count: int | None = None, init_image: bytes | Path | None = None,
                   strength: float | None = None, output_format: str = "png", quality: int = 0,
                   request_key: str = "", prompt_2: str | None = None, negative_prompt_2: str | None = None,
-                  clip_skip: int | None = None, literal_prompt: bool = False) -> orchestrator_pb2.GenerateRequest:
-    request = orchestrator_pb2.GenerateRequest(prompt=prompt, model=model, scheduler=scheduler, quality=quality,
-                                               request_key=request_key, literal_prompt=literal_prompt)
+                  clip_skip: int | None = None, literal_prompt: bool = False,
+                  timesteps: list[int] | None = None, timestep_anchors: list[int] | None = None,
+                  timestep_spacing: str = "", sigma_schedule: str = "", guidance_rescale: float | None = None,
+                  change_map: bytes | Path | None = None, mask: bytes | Path | None = None,
+                  mask_feather: float | None = None, paste_back: bool = False,
+                  preview_every: int = 0) -> orchestrator_pb2.GenerateRequest:
+    request = orchestrator_pb2.GenerateRequest(
+        prompt=prompt, model=model, scheduler=scheduler, quality=quality, request_key=request_key,
+        literal_prompt=literal_prompt, timesteps=timesteps or [], timestep_anchors=timestep_anchors or [],
+        timestep_spacing=timestep_spacing, sigma_schedule=sigma_schedule, paste_back=paste_back,
+        preview_every=preview_every)
     fmt = _FORMATS.get(output_format.lower())
     if fmt is None:
         raise ValueError(f"output_format must be one of {', '.join(_FORMATS)}, got {output_format!r}")
     request.output_format = fmt
     optional = dict(negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                     guidance_scale=guidance_scale, seed=seed, count=count, strength=strength, prompt_2=prompt_2,
-                    negative_prompt_2=negative_prompt_2, clip_skip=clip_skip)
+                    negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guidance_rescale=guidance_rescale,
+                    mask_feather=mask_feather)
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)
-    if init_image is not None:
-        request.init_image = Path(init_image).read_bytes() if isinstance(init_image, Path) else init_image
+    for name, value in (("init_image", init_image), ("change_map", change_map), ("mask", mask)):
+        if value is not None:
+            setattr(request, name, value.read_bytes() if isinstance(value, Path) else value)
     return request
 
 

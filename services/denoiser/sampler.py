@@ -25,7 +25,7 @@ from diffmesh.models.schedulers import SchedulerSpec, build_scheduler
 from diffmesh.runtime.errors import Cancelled, InvalidArgument
 from services.denoiser.masks import ProgressiveMask, check_change_map, latent_change_map
 from services.denoiser.previews import latents_to_rgb, predicted_x0
-from services.denoiser.timesteps import validate_timesteps
+from diffmesh.models.timesteps import validate_timesteps
 
 ProgressFn = Callable[[int, int, float], None]
 # (step, total, images): step as on_step's (1-based), images [n, h, w, 3] uint8 at latent size.

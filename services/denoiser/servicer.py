@@ -11,18 +11,21 @@ from typing import AsyncIterator
 import grpc
 import torch
 
-from diffmesh.models.schedulers import lookup_scheduler, scheduler_names
-from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
+from diffmesh.imaging import encode_image
+from diffmesh.models.schedulers import lookup_scheduler, require_scheduler
+from diffmesh.proto.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
 from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.runtime.errors import Cancelled, InvalidArgument
 from diffmesh.runtime.logs import elapsed_ms, log_event
 from diffmesh.runtime.server import Admission
 from diffmesh.runtime.telemetry import annotate
+from services.denoiser.masks import change_map_from_grey, change_map_from_mask
 from services.denoiser.sampler import (Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds,
                                        generators_from_states)
 
 _FLOATS = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16)
 _DONE = object()
+PREVIEW_QUALITY = 70
 log = logging.getLogger("diffmesh.denoiser")
 
 
@@ -38,11 +41,14 @@ def _optional_tensor(request: denoiser_pb2.DenoiseRequest, name: str) -> torch.T
 
 
 def job_from_request(request: denoiser_pb2.DenoiseRequest, max_steps: int, max_batch: int) -> DenoiseJob:
-    spec = lookup_scheduler(request.scheduler)
-    if spec is None:
-        raise InvalidArgument("scheduler", request.scheduler, f"unknown; known: {', '.join(scheduler_names())}")
-    if not 1 <= request.steps <= max_steps:
+    spec = require_scheduler(request.scheduler)
+    timesteps = list(request.timesteps) or None
+    if timesteps is not None and len(timesteps) > max_steps:
+        raise InvalidArgument("timesteps", f"{len(timesteps)} timesteps", f"at most {max_steps}")
+    if timesteps is None and not 1 <= request.steps <= max_steps:
         raise InvalidArgument("steps", request.steps, f"must be in [1, {max_steps}]")
+    if not math.isfinite(request.guidance_rescale) or not 0 <= request.guidance_rescale <= 1:
+        raise InvalidArgument("guidance_rescale", request.guidance_rescale, "must be in [0, 1]")
     if not math.isfinite(request.guidance_scale) or request.guidance_scale < 0:
         raise InvalidArgument("guidance_scale", request.guidance_scale, "must be finite and >= 0")
     if not request.HasField("prompt_embeds"):
@@ -59,6 +65,11 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest, max_steps: int, max_b
     if not 1 <= len(generators) <= max_batch:
         raise InvalidArgument("seeds", len(generators), f"need 1 to {max_batch} images (one seed each)")
     init_latents = _optional_tensor(request, "init_latents")
+    change_map = None
+    if request.HasField("change_map"):
+        grey = codec.to_torch(request.change_map, "change_map", dtypes=(tensor_pb2.UINT8,), rank=3)
+        change_map = (change_map_from_mask(grey, request.mask_feather) if request.change_map_is_mask
+                      else change_map_from_grey(grey))
     return DenoiseJob(
         scheduler=spec, steps=request.steps, guidance_scale=request.guidance_scale,
         width=request.width, height=request.height,
@@ -71,6 +82,9 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest, max_steps: int, max_b
         generators=generators,
         init_latents=init_latents,
         strength=request.strength if init_latents is not None else 1.0,
+        timesteps=timesteps, timestep_spacing=request.timestep_spacing or None,
+        sigma_schedule=request.sigma_schedule or None, guidance_rescale=request.guidance_rescale,
+        change_map=change_map, preview_every=request.preview_every,
     )
 
 
@@ -103,7 +117,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             steps_done = metrics.DENOISE_STEPS.labels(request.model_id)
 
             def run() -> torch.Tensor:
-                counted = [0]
+                counted, pending = [0], [None]
                 with telemetry.tracer().start_as_current_span("sampling_loop", attributes=attributes) as span:
                     def on_step(step: int, total: int, timestep: float) -> None:
                         counted[0] = step
@@ -111,11 +125,20 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                         steps_done.inc()
                         progress = denoiser_pb2.DenoiseProgress(step=step, total_steps=total, timestep=timestep,
                                                                 elapsed_ms=elapsed_ms(start))
+                        if job.preview_every and step % job.preview_every == 0:
+                            pending[0] = progress  # sent by on_preview, with the previews
+                        else:
+                            loop.call_soon_threadsafe(events.put_nowait, progress)
+
+                    def on_preview(step: int, total: int, images) -> None:
+                        progress = pending[0]
+                        progress.previews.extend(encode_image(image, common_pb2.JPEG, PREVIEW_QUALITY)
+                                                 for image in images)
                         loop.call_soon_threadsafe(events.put_nowait, progress)
 
                     try:
                         loop_start = time.perf_counter()
-                        latents = model.denoise(job, on_step, cancel)
+                        latents = model.denoise(job, on_step, cancel, on_preview)
                         rate = counted[0] / max(time.perf_counter() - loop_start, 1e-9)
                         metrics.DENOISE_STEP_RATE.labels(request.model_id).set(rate)
                         return latents

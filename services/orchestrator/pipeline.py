@@ -155,7 +155,14 @@ class Generation:
         plan = self.plan
         request = denoiser_pb2.DenoiseRequest(
             model_id=plan.model.entry.id, scheduler=plan.scheduler, steps=plan.steps,
-            guidance_scale=plan.guidance_scale, width=plan.width, height=plan.height, seeds=plan.seeds)
+            guidance_scale=plan.guidance_scale, width=plan.width, height=plan.height, seeds=plan.seeds,
+            timesteps=plan.timesteps or [], timestep_spacing=plan.timestep_spacing,
+            sigma_schedule=plan.sigma_schedule, guidance_rescale=plan.guidance_rescale,
+            preview_every=plan.preview_every)
+        if plan.change_map is not None:
+            request.change_map.CopyFrom(codec.from_numpy(plan.change_map))
+            request.change_map_is_mask = plan.change_map_is_mask
+            request.mask_feather = plan.mask_feather
         for name in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                      "negative_pooled_prompt_embeds"):
             if text.HasField(name):
@@ -186,7 +193,7 @@ class Generation:
                         reported[0] = event.progress.step
                         progress.put_nowait(orchestrator_pb2.GenerateEvent(progress=orchestrator_pb2.StepProgress(
                             step=event.progress.step, total_steps=event.progress.total_steps,
-                            elapsed_ms=elapsed_ms(start))))
+                            elapsed_ms=elapsed_ms(start), previews=event.progress.previews)))
             finally:
                 call.cancel()  # no-op once finished; stops the denoiser when our caller went away
             if result is None:
@@ -238,8 +245,12 @@ class Generation:
             else:
                 yield item
 
-        decoded = await self._unary("vae.decode", "vae", vae_pb2_grpc.VaeStub, "Decode", vae_pb2.DecodeRequest(
-            model_id=plan.model.entry.id, latents=result.latents, format=plan.output_format, quality=plan.quality))
+        decode = vae_pb2.DecodeRequest(model_id=plan.model.entry.id, latents=result.latents,
+                                       format=plan.output_format, quality=plan.quality)
+        if plan.keep_mask is not None:
+            decode.paste_pixels.CopyFrom(codec.from_numpy(plan.paste_pixels))
+            decode.keep_mask.CopyFrom(codec.from_numpy(plan.keep_mask))
+        decoded = await self._unary("vae.decode", "vae", vae_pb2_grpc.VaeStub, "Decode", decode)
         cost = self.cost()
         telemetry.annotate(**{"diffmesh.cost.device_seconds": cost.device_seconds,
                               "diffmesh.cost.queue_seconds": cost.queue_seconds,

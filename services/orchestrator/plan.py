@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from diffmesh.imaging import FORMATS, decode_image
 from diffmesh.models.registry import ModelEntry, ModelFamily, Registry
-from diffmesh.models.schedulers import lookup_scheduler, scheduler_names
+from diffmesh.models.schedulers import require_scheduler, scheduler_overrides
+from diffmesh.models.timesteps import interpolate_timesteps, validate_timesteps
 from diffmesh.proto.v1 import common_pb2, orchestrator_pb2
 from diffmesh.runtime.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1
 MAX_CLIP_SKIP = 24
+MAX_FEATHER = 256.0
 VAE_MULTIPLE = 8
 # diffusers' own defaults per family (StableDiffusionPipeline 7.5, StableDiffusionXLPipeline 5.0).
 DEFAULT_GUIDANCE = {ModelFamily.SD15: 7.5, ModelFamily.SDXL: 5.0}
@@ -93,6 +96,33 @@ class GenerationPlan:
     negative_prompt_2: str | None = None
     clip_skip: int | None = None
     literal_prompt: bool = False
+    timesteps: list[int] | None = None
+    timestep_spacing: str = ""
+    sigma_schedule: str = ""
+    guidance_rescale: float = 0.0
+    change_map: np.ndarray | None = None  # uint8 [1, H, W] at the output size
+    change_map_is_mask: bool = False
+    mask_feather: float = 0.0
+    paste_back: bool = False
+    preview_every: int = 0
+
+    @property
+    def keep_mask(self) -> np.ndarray | None:
+        """uint8 [1, H, W]: 1 where paste-back restores the init image (the map keeps the pixel)."""
+        if not self.paste_back or self.change_map is None:
+            return None
+        kept = self.change_map <= 127 if self.change_map_is_mask else self.change_map == 0
+        return kept.astype(np.uint8)
+
+    @property
+    def paste_pixels(self) -> np.ndarray | None:
+        """The init image at the output size (resized as diffusers' VaeImageProcessor does)."""
+        if self.keep_mask is None:
+            return None
+        pixels = self.init_pixels[0]
+        if pixels.shape[:2] != (self.height, self.width):
+            pixels = np.asarray(Image.fromarray(pixels).resize((self.width, self.height), Image.LANCZOS))
+        return pixels[None]
 
     @property
     def guided(self) -> bool:
@@ -143,12 +173,14 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
                                                f"{model.family.value})")
 
     scheduler = request.scheduler or limits.default_scheduler
-    if lookup_scheduler(scheduler) is None:
-        raise InvalidArgument("scheduler", scheduler, f"unknown; known: {', '.join(scheduler_names())}")
-
-    steps = request.steps if request.HasField("steps") else limits.default_steps
-    if not 1 <= steps <= limits.max_steps:
-        raise InvalidArgument("steps", steps, f"must be in [1, {limits.max_steps}]")
+    spec = require_scheduler(scheduler)
+    steps, timesteps = _schedule(request, limits)
+    scheduler_overrides(spec, request.timestep_spacing, request.sigma_schedule, custom_timesteps=timesteps is not None)
+    guidance_rescale = request.guidance_rescale if request.HasField("guidance_rescale") else 0.0
+    if not math.isfinite(guidance_rescale) or not 0.0 <= guidance_rescale <= 1.0:
+        raise InvalidArgument("guidance_rescale", guidance_rescale, "must be in [0, 1]")
+    if not 0 <= request.preview_every <= steps:
+        raise InvalidArgument("preview_every", request.preview_every, f"must be in [0, steps={steps}] (0: none)")
 
     guidance = request.guidance_scale if request.HasField("guidance_scale") else DEFAULT_GUIDANCE[model.family]
     if not math.isfinite(guidance) or not 0.0 <= guidance <= limits.max_guidance:
@@ -173,13 +205,19 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
     if len(request.request_key) > 256:
         raise InvalidArgument("request_key", request.request_key, "longer than 256 characters")
 
-    init_pixels, strength = None, 0.0
+    init_pixels, strength, change_map = None, 0.0, None
+    if not request.init_image:
+        for name in ("change_map", "mask"):
+            if getattr(request, name):
+                raise InvalidArgument(name, f"{len(getattr(request, name))} bytes", "needs init_image")
     if request.init_image:
         if len(request.init_image) > limits.max_init_image_bytes:
             raise InvalidArgument("init_image", f"{len(request.init_image)} bytes",
                                   f"larger than {limits.max_init_image_bytes} bytes")
         pixels = decode_image(request.init_image, "init_image")
-        strength = request.strength if request.HasField("strength") else limits.default_strength
+        change_map = _change_map(request, pixels.shape[:2])
+        default_strength = 1.0 if change_map is not None else limits.default_strength
+        strength = request.strength if request.HasField("strength") else default_strength
         if not math.isfinite(strength) or not 0.0 < strength <= 1.0:
             raise InvalidArgument("strength", strength, "must be in (0, 1]")
         if int(steps * strength) < 1:
@@ -201,6 +239,15 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
         height = _check_size("height", request.height, limits)
     _check_size("width", width, limits)
     _check_size("height", height, limits)
+    if change_map is not None and change_map.shape != (height, width):
+        change_map = np.asarray(Image.fromarray(change_map).resize((width, height), Image.BILINEAR))
+    if request.paste_back and change_map is None:
+        raise InvalidArgument("paste_back", True, "needs a change_map or a mask")
+    feather = request.mask_feather if request.HasField("mask_feather") else 0.0
+    if request.HasField("mask_feather") and not request.mask:
+        raise InvalidArgument("mask_feather", feather, "only valid with mask")
+    if not math.isfinite(feather) or not 0.0 <= feather <= MAX_FEATHER:
+        raise InvalidArgument("mask_feather", feather, f"must be in [0, {MAX_FEATHER:g}] pixels")
 
     return GenerationPlan(
         request_id=request_id, model=model, prompt=request.prompt, negative_prompt=negative,
@@ -208,4 +255,43 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
         seeds=[seed + i for i in range(count)], init_pixels=init_pixels, strength=float(strength),
         output_format=request.output_format or common_pb2.PNG, quality=request.quality,
         clip_skip=clip_skip, literal_prompt=request.literal_prompt, **second,
+        timesteps=timesteps, timestep_spacing=request.timestep_spacing, sigma_schedule=request.sigma_schedule,
+        guidance_rescale=float(guidance_rescale), change_map=None if change_map is None else change_map[None],
+        change_map_is_mask=bool(request.mask), mask_feather=float(feather), paste_back=request.paste_back,
+        preview_every=request.preview_every,
     )
+
+
+def _schedule(request: orchestrator_pb2.GenerateRequest, limits: Limits) -> tuple[int, list[int] | None]:
+    """Steps and the explicit timesteps, if any (given, or interpolated from anchors)."""
+    steps = request.steps if request.HasField("steps") else None
+    if request.timesteps and request.timestep_anchors:
+        raise InvalidArgument("timestep_anchors", list(request.timestep_anchors), "give timesteps or anchors, not both")
+    if request.timesteps:
+        timesteps = validate_timesteps(request.timesteps)
+        if len(timesteps) > limits.max_steps:
+            raise InvalidArgument("timesteps", f"{len(timesteps)} timesteps", f"at most {limits.max_steps}")
+        if steps is not None and steps != len(timesteps):
+            raise InvalidArgument("steps", steps, f"must be unset or len(timesteps) = {len(timesteps)}")
+        return len(timesteps), timesteps
+    steps = limits.default_steps if steps is None else steps
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument("steps", steps, f"must be in [1, {limits.max_steps}]")
+    if request.timestep_anchors:
+        anchors = validate_timesteps(request.timestep_anchors, field="timestep_anchors")
+        return steps, interpolate_timesteps(steps, anchors)
+    return steps, None
+
+
+def _change_map(request: orchestrator_pb2.GenerateRequest, size: tuple[int, int]) -> np.ndarray | None:
+    """The change map or mask as uint8 [H, W], checked against the init image's size."""
+    if request.change_map and request.mask:
+        raise InvalidArgument("mask", f"{len(request.mask)} bytes", "give change_map or mask, not both")
+    name = "change_map" if request.change_map else "mask" if request.mask else None
+    if name is None:
+        return None
+    grey = np.asarray(Image.fromarray(decode_image(getattr(request, name), name)).convert("L"))
+    if grey.shape != size:
+        raise InvalidArgument(f"{name}.shape", f"{grey.shape[1]}x{grey.shape[0]}",
+                              f"must match init_image's size {size[1]}x{size[0]}")
+    return grey

@@ -17,6 +17,20 @@ from services.vae.autoencoder import LatentImageCodec
 _FLOATS = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16)
 
 
+def _paste_back(request: vae_pb2.DecodeRequest, count: int, height: int,
+                width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pixels [1|n, H, W, 3], keep [1|n, H, W]) when the request asks for paste-back."""
+    if not request.HasField("keep_mask"):
+        return None
+    keep = codec.to_numpy(request.keep_mask, "keep_mask", dtypes=(tensor_pb2.UINT8,), rank=3)
+    pixels = codec.to_numpy(request.paste_pixels, "paste_pixels", dtypes=(tensor_pb2.UINT8,), rank=4)
+    if keep.shape[0] not in (1, count) or keep.shape[1:] != (height, width):
+        raise InvalidArgument("keep_mask.shape", list(keep.shape), f"expected [1 or {count}, {height}, {width}]")
+    if pixels.shape[0] not in (1, count) or pixels.shape[1:] != (height, width, 3):
+        raise InvalidArgument("paste_pixels.shape", list(pixels.shape), f"expected [1 or {count}, {height}, {width}, 3]")
+    return pixels, keep
+
+
 class VaeServicer(vae_pb2_grpc.VaeServicer):
     def __init__(self, models: ModelPool[LatentImageCodec], admission: Admission, max_batch: int,
                  png_compress_level: int) -> None:
@@ -34,6 +48,8 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         if not 0 <= request.quality <= 100:
             raise InvalidArgument("quality", request.quality, "must be in [0, 100]")
         model.check_latents(latents)
+        paste = _paste_back(request, latents.shape[0], latents.shape[2] * model.scale_factor,
+                            latents.shape[3] * model.scale_factor)
 
         annotate(**{"diffmesh.model": request.model_id, "diffmesh.batch_size": int(latents.shape[0]),
                     "diffmesh.size": f"{latents.shape[3] * model.scale_factor}x{latents.shape[2] * model.scale_factor}"})
@@ -43,6 +59,8 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         def run() -> tuple[np.ndarray, list]:
             with tracer.start_as_current_span("vae.decode"):
                 pixels = model.decode(latents)
+            if paste is not None:
+                pixels = np.where(paste[1][..., None] != 0, paste[0], pixels)
             if request.skip_files:
                 return pixels, []
             with tracer.start_as_current_span("image.encode", attributes={"diffmesh.format": request.format}):

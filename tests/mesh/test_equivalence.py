@@ -31,9 +31,11 @@ def reference(tiny_models):
         if key not in cache:
             cls = PIPELINES[model_id][int(img2img)]
             extra = {"add_watermarker": False} if "XL" in cls.__name__ else {}
-            cache[key] = cls.from_pretrained(tiny_models / model_id, local_files_only=True, **extra)
-        pipe = cache[key]
-        pipe.scheduler = build_scheduler(SCHEDULERS[scheduler], pipe.scheduler.config)
+            pipe = cls.from_pretrained(tiny_models / model_id, local_files_only=True, **extra)
+            # The model's own scheduler config: every named scheduler is built from it, as the mesh does.
+            cache[key] = pipe, dict(pipe.scheduler.config)
+        pipe, base_config = cache[key]
+        pipe.scheduler = build_scheduler(SCHEDULERS[scheduler], base_config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -58,8 +60,12 @@ def assert_images_match(expected: list[Image.Image], response) -> None:
         assert np.abs(ref_pixels - got_pixels).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("model_id", sorted(PIPELINES))
-@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "ddim"])
+ALL_SCHEDULERS = sorted(SCHEDULERS)
+TXT2IMG_CASES = [("tiny-sd15", name) for name in ALL_SCHEDULERS] + [
+    ("tiny-sdxl", name) for name in ("euler", "dpmpp_2m", "ddim", "euler_a", "unipc")]
+
+
+@pytest.mark.parametrize("model_id,scheduler", TXT2IMG_CASES)
 def test_txt2img_equals_diffusers(client, reference, model_id, scheduler):
     pipe = reference(model_id, False, scheduler)
     expected = pipe("a photo of a cat", negative_prompt="blurry, low quality", width=96, height=64,

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "model", "width", "height", "steps", "scheduler", "guidance_scale", "seed", "count", "init_image", "strength", "output_format", "quality", "request_key", "prompt_2", "negative_prompt_2", "clip_skip", "literal_prompt")
+    __slots__ = ("prompt", "negative_prompt", "model", "width", "height", "steps", "scheduler", "guidance_scale", "seed", "count", "init_image", "strength", "output_format", "quality", "request_key", "prompt_2", "negative_prompt_2", "clip_skip", "literal_prompt", "timesteps", "timestep_anchors", "timestep_spacing", "sigma_schedule", "guidance_rescale", "change_map", "mask", "mask_feather", "paste_back", "preview_every")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,16 @@ class GenerateRequest(_message.Message):
     NEGATIVE_PROMPT_2_FIELD_NUMBER: _ClassVar[int]
     CLIP_SKIP_FIELD_NUMBER: _ClassVar[int]
     LITERAL_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_ANCHORS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_SPACING_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_RESCALE_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_MAP_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_FEATHER_FIELD_NUMBER: _ClassVar[int]
+    PASTE_BACK_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     model: str
@@ -47,7 +57,17 @@ class GenerateRequest(_message.Message):
     negative_prompt_2: str
     clip_skip: int
     literal_prompt: bool
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., count: _Optional[int] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., request_key: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., clip_skip: _Optional[int] = ..., literal_prompt: _Optional[bool] = ...) -> None: ...
+    timesteps: _containers.RepeatedScalarFieldContainer[int]
+    timestep_anchors: _containers.RepeatedScalarFieldContainer[int]
+    timestep_spacing: str
+    sigma_schedule: str
+    guidance_rescale: float
+    change_map: bytes
+    mask: bytes
+    mask_feather: float
+    paste_back: bool
+    preview_every: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., count: _Optional[int] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., request_key: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., clip_skip: _Optional[int] = ..., literal_prompt: _Optional[bool] = ..., timesteps: _Optional[_Iterable[int]] = ..., timestep_anchors: _Optional[_Iterable[int]] = ..., timestep_spacing: _Optional[str] = ..., sigma_schedule: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., change_map: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_feather: _Optional[float] = ..., paste_back: _Optional[bool] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
     __slots__ = ("image", "seed", "index")
@@ -96,14 +116,16 @@ class GenerateResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., info: _Optional[_Union[GenerationInfo, _Mapping]] = ...) -> None: ...
 
 class StepProgress(_message.Message):
-    __slots__ = ("step", "total_steps", "elapsed_ms")
+    __slots__ = ("step", "total_steps", "elapsed_ms", "previews")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     elapsed_ms: float
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+    previews: _containers.RepeatedCompositeFieldContainer[_common_pb2.EncodedImage]
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_ms: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_common_pb2.EncodedImage, _Mapping]]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("progress", "result")

@@ -26,7 +26,7 @@ from diffmesh.proto.v1 import common_pb2 as diffmesh_dot_v1_dot_common__pb2
 from diffmesh.proto.v1 import tensor_pb2 as diffmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64iffmesh/v1/vae.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/common.proto\x1a\x18\x64iffmesh/v1/tensor.proto\"\xad\x01\n\rDecodeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.diffmesh.v1.ImageFormat\x12\x0f\n\x07quality\x18\x04 \x01(\x05\x12\x15\n\rreturn_tensor\x18\x05 \x01(\x08\x12\x12\n\nskip_files\x18\x06 \x01(\x08\"\x88\x01\n\x0e\x44\x65\x63odeResponse\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.diffmesh.v1.EncodedImage\x12#\n\x06pixels\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.diffmesh.v1.StageUsage\"\xa8\x01\n\x12\x45ncodeImageRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12#\n\x06pixels\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0e\x32\x1b.diffmesh.v1.LatentSampling\x12\r\n\x05seeds\x18\x06 \x03(\x04\"\x92\x01\n\x13\x45ncodeImageResponse\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12-\n\x10generator_states\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.diffmesh.v1.StageUsage*G\n\x0eLatentSampling\x12\x1f\n\x1bLATENT_SAMPLING_UNSPECIFIED\x10\x00\x12\n\n\x06SAMPLE\x10\x01\x12\x08\n\x04MODE\x10\x02\x32\x95\x01\n\x03Vae\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.diffmesh.v1.DecodeRequest\x1a\x1b.diffmesh.v1.DecodeResponse\x12K\n\x06\x45ncode\x12\x1f.diffmesh.v1.EncodeImageRequest\x1a .diffmesh.v1.EncodeImageResponseB<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64iffmesh/v1/vae.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/common.proto\x1a\x18\x64iffmesh/v1/tensor.proto\"\x80\x02\n\rDecodeRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.diffmesh.v1.ImageFormat\x12\x0f\n\x07quality\x18\x04 \x01(\x05\x12\x15\n\rreturn_tensor\x18\x05 \x01(\x08\x12\x12\n\nskip_files\x18\x06 \x01(\x08\x12)\n\x0cpaste_pixels\x18\x07 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12&\n\tkeep_mask\x18\x08 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\"\x88\x01\n\x0e\x44\x65\x63odeResponse\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.diffmesh.v1.EncodedImage\x12#\n\x06pixels\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.diffmesh.v1.StageUsage\"\xa8\x01\n\x12\x45ncodeImageRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12#\n\x06pixels\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0e\x32\x1b.diffmesh.v1.LatentSampling\x12\r\n\x05seeds\x18\x06 \x03(\x04\"\x92\x01\n\x13\x45ncodeImageResponse\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12-\n\x10generator_states\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.diffmesh.v1.StageUsage*G\n\x0eLatentSampling\x12\x1f\n\x1bLATENT_SAMPLING_UNSPECIFIED\x10\x00\x12\n\n\x06SAMPLE\x10\x01\x12\x08\n\x04MODE\x10\x02\x32\x95\x01\n\x03Vae\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.diffmesh.v1.DecodeRequest\x1a\x1b.diffmesh.v1.DecodeResponse\x12K\n\x06\x45ncode\x12\x1f.diffmesh.v1.EncodeImageRequest\x1a .diffmesh.v1.EncodeImageResponseB<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffmesh.v1.vae_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1'
-  _globals['_LATENTSAMPLING']._serialized_start=725
-  _globals['_LATENTSAMPLING']._serialized_end=796
+  _globals['_LATENTSAMPLING']._serialized_start=808
+  _globals['_LATENTSAMPLING']._serialized_end=879
   _globals['_DECODEREQUEST']._serialized_start=91
-  _globals['_DECODEREQUEST']._serialized_end=264
-  _globals['_DECODERESPONSE']._serialized_start=267
-  _globals['_DECODERESPONSE']._serialized_end=403
-  _globals['_ENCODEIMAGEREQUEST']._serialized_start=406
-  _globals['_ENCODEIMAGEREQUEST']._serialized_end=574
-  _globals['_ENCODEIMAGERESPONSE']._serialized_start=577
-  _globals['_ENCODEIMAGERESPONSE']._serialized_end=723
-  _globals['_VAE']._serialized_start=799
-  _globals['_VAE']._serialized_end=948
+  _globals['_DECODEREQUEST']._serialized_end=347
+  _globals['_DECODERESPONSE']._serialized_start=350
+  _globals['_DECODERESPONSE']._serialized_end=486
+  _globals['_ENCODEIMAGEREQUEST']._serialized_start=489
+  _globals['_ENCODEIMAGEREQUEST']._serialized_end=657
+  _globals['_ENCODEIMAGERESPONSE']._serialized_start=660
+  _globals['_ENCODEIMAGERESPONSE']._serialized_end=806
+  _globals['_VAE']._serialized_start=882
+  _globals['_VAE']._serialized_end=1031
 # @@protoc_insertion_point(module_scope)

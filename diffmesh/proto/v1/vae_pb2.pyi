@@ -19,20 +19,24 @@ SAMPLE: LatentSampling
 MODE: LatentSampling
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model_id", "latents", "format", "quality", "return_tensor", "skip_files")
+    __slots__ = ("model_id", "latents", "format", "quality", "return_tensor", "skip_files", "paste_pixels", "keep_mask")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     RETURN_TENSOR_FIELD_NUMBER: _ClassVar[int]
     SKIP_FILES_FIELD_NUMBER: _ClassVar[int]
+    PASTE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_MASK_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     latents: _tensor_pb2.Tensor
     format: _common_pb2.ImageFormat
     quality: int
     return_tensor: bool
     skip_files: bool
-    def __init__(self, model_id: _Optional[str] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., return_tensor: _Optional[bool] = ..., skip_files: _Optional[bool] = ...) -> None: ...
+    paste_pixels: _tensor_pb2.Tensor
+    keep_mask: _tensor_pb2.Tensor
+    def __init__(self, model_id: _Optional[str] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ..., return_tensor: _Optional[bool] = ..., skip_files: _Optional[bool] = ..., paste_pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., keep_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("images", "pixels", "usage")
