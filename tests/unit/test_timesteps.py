@@ -13,7 +13,7 @@ from diffmesh.models.registry import Registry
 from diffmesh.models.schedulers import SCHEDULERS
 from diffmesh.runtime.errors import InvalidArgument
 from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds
-from services.denoiser.timesteps import (FACE_DETAIL_ANCHORS, interpolate_timesteps, max_interpolated_steps,
+from diffmesh.models.timesteps import (FACE_DETAIL_ANCHORS, interpolate_timesteps, max_interpolated_steps,
                                          validate_timesteps)
 
 CPU = torch.device("cpu")
