@@ -61,7 +61,9 @@ def dtype_name(wire: int) -> str:
         return str(wire)
 
 
-def _check_header(t: Tensor, field: str, dtypes: Iterable[int] | None, rank: int | None) -> _Kind:
+def _decode(t: Tensor, field: str, dtypes: Iterable[int] | None, rank: int | None) -> tuple[_Kind, np.ndarray]:
+    """Checks the header against the payload and maps the payload without copying it. The payload
+    is read from the message once: each read of a bytes field makes a new Python object."""
     kind = _BY_WIRE.get(t.dtype)
     if kind is None:
         raise InvalidArgument(f"{field}.dtype", dtype_name(t.dtype), "unknown or unspecified tensor dtype")
@@ -81,36 +83,31 @@ def _check_header(t: Tensor, field: str, dtypes: Iterable[int] | None, rank: int
     # when another dimension is 0 (so the byte count would match an empty payload).
     if math.prod(d for d in shape if d) * kind.numpy.itemsize > _MAX_BYTES:
         raise InvalidArgument(f"{field}.shape", shape, "too many elements")
+    data = t.data
     expected = math.prod(shape) * kind.numpy.itemsize
-    if expected != len(t.data):
+    if expected != len(data):
         raise InvalidArgument(
-            f"{field}.data", f"{len(t.data)} bytes",
+            f"{field}.data", f"{len(data)} bytes",
             f"shape {shape} of {dtype_name(t.dtype)} needs {expected} bytes",
         )
-    return kind
-
-
-def _view(t: Tensor, kind: _Kind, field: str) -> np.ndarray:
-    array = np.frombuffer(t.data, dtype=kind.numpy).reshape(tuple(t.shape))
-    if kind.wire == DType.BOOL and array.size and np.frombuffer(t.data, np.uint8).max() > 1:
+    array = np.frombuffer(data, dtype=kind.numpy).reshape(tuple(shape))
+    if kind.wire == DType.BOOL and array.size and np.frombuffer(data, np.uint8).max() > 1:
         raise InvalidArgument(f"{field}.data", "bool bytes", "bool elements must be 0 or 1")
-    return array
+    return kind, array
 
 
 def to_numpy(t: Tensor, field: str, *, dtypes: Iterable[int] | None = None,
              rank: int | None = None) -> np.ndarray:
     """Read-only numpy view of a tensor (bfloat16 comes back as its uint16 bit patterns)."""
-    kind = _check_header(t, field, dtypes, rank)
-    return _view(t, kind, field)
+    return _decode(t, field, dtypes, rank)[1]
 
 
 def to_torch(t: Tensor, field: str, *, dtypes: Iterable[int] | None = None,
              rank: int | None = None) -> torch.Tensor:
     """torch view over the message's bytes (no copy); move or cast it before writing into it."""
-    kind = _check_header(t, field, dtypes, rank)
-    array = _view(t, kind, field)
+    kind, array = _decode(t, field, dtypes, rank)
     if array.size == 0:
-        return torch.empty(tuple(t.shape), dtype=kind.torch)
+        return torch.empty(array.shape, dtype=kind.torch)
     tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if kind.wire == DType.BFLOAT16 else tensor
 
@@ -143,7 +140,3 @@ def from_torch(tensor: torch.Tensor) -> Tensor:
 def wire_dtype(dtype: torch.dtype) -> int:
     return _BY_TORCH[dtype].wire
 
-
-def is_set(t: Tensor) -> bool:
-    """Whether a Tensor sub-message carries anything (unset message fields read as empty)."""
-    return t.dtype != DType.DTYPE_UNSPECIFIED or len(t.shape) > 0 or len(t.data) > 0
