@@ -1,6 +1,9 @@
 """Benchmarks (`make bench`): ratios measured in one run, printed as a table and written as JSON.
 
-bench.e2e   mesh (every stage a process on loopback) vs diffusers in-process, interleaved
-bench.hops  one gRPC hop carrying an SDXL-size tensor vs a raw-bytes gRPC echo of the same size
-bench.run   the entry point: runs both, prints the table, writes --out
+bench.run    the entry point: runs both parts, prints the table, writes --out
+bench.e2e    the mesh (every stage a process on loopback) vs diffusers in-process, interleaved
+bench.hops   one gRPC hop carrying an SDXL-size tensor vs a raw-bytes gRPC echo of the same size,
+             plus what-if variants (in-place codec, one-copy wire encoding, glibc malloc tuning)
+bench.wire   the one-copy / zero-copy wire encoding used by the `zero_copy` what-if
+bench.stats  percentiles, machine description, the table
 """

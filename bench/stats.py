@@ -52,6 +52,7 @@ def machine_info() -> dict[str, object]:
         "cpu_affinity": affinity,
         "cpu_model": _cpu_model(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_pressure": cpu_pressure(),
         "torch_threads_bench_process": torch.get_num_threads(),
         "torch_interop_threads_bench_process": torch.get_num_interop_threads(),
         "platform": platform.platform(),
@@ -61,6 +62,15 @@ def machine_info() -> dict[str, object]:
         "versions": {name: _version(name) for name in (
             "torch", "numpy", "grpcio", "protobuf", "diffusers", "transformers", "pillow", "diffmesh")},
     }
+
+
+def cpu_pressure() -> float | None:
+    """Linux PSI: share of the last 10 s in which some runnable task waited for a CPU (percent)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return float(dict(kv.split("=") for kv in line.split()[1:])["avg10"])
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 def _cpu_model() -> str | None:

@@ -1,0 +1,191 @@
+"""`make bench`: per-hop overhead and mesh vs in-process, ratios measured in one run.
+
+    python -m bench.run --out bench/results/bench.json
+
+Prints a table (figure, measured, target, PASS/MISS) and writes every number as JSON. Always
+exits 0 when the measurements ran: a missed target is a finding, not a failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.stats import Row, cpu_pressure, format_table, machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _hop_rows(hops: dict[str, Any]) -> list[Row]:
+    rows = []
+    for name, h in hops["payloads"].items():
+        c, r = h["codec"], h["raw_bytes_floor"]
+        shape = "x".join(map(str, h["shape"]))
+        label = f"hop {name} [{shape}] {h['dtype']} {h['tensor_bytes'] / 1e6:.2f} MB"
+        rows.append(Row(f"{label}: codec p50 / p95",
+                        f"{c['p50_ms']:.3f} / {c['p95_ms']:.3f} ms ({c['MB_per_s_at_p50']:.0f} MB/s)",
+                        f"<= {h['targets']['p50_ms_max']:.1f} ms p50" if h["targets"]["p50_ms_max"] else "",
+                        h["pass_p50"]))
+        rows.append(Row(f"{label}: raw-bytes floor p50 / p95",
+                        f"{r['p50_ms']:.3f} / {r['p95_ms']:.3f} ms ({r['MB_per_s_at_p50']:.0f} MB/s)"))
+        rows.append(Row(f"{label}: codec / raw (p50)",
+                        f"{h['ratio_p50']:.2f}x (+{h['overhead_p50_ms']:.3f} ms; p95 {h['ratio_p95']:.2f}x)",
+                        f"<= {h['targets']['ratio_p50_max']:.2f}x", h["pass_ratio"]))
+    return rows
+
+
+def _what_if_rows(hops: dict[str, Any]) -> list[Row]:
+    rows = []
+    for config, measured in hops["what_if"]["configurations"].items():
+        for name, p in measured["payloads"].items():
+            parts = [f"{v} {p[v]['ratio_p50']:.2f}x ({p[v]['p50_ms']:.2f} ms)" for v in ("codec", "proposed", "zero_copy")]
+            rows.append(Row(f"what-if hop {name}, malloc {'tuned' if measured['malloc_tuned'] else 'default'}",
+                            ", ".join(parts) + f"; raw {p['raw']['p50_ms']:.2f} ms", "<= 1.15x",
+                            None))
+    return rows
+
+
+def _e2e_rows(e2e: dict[str, Any]) -> list[Row]:
+    w, wo, m = e2e["in_process_with_png"], e2e["in_process_without_png"], e2e["mesh"]
+    rows = [
+        Row("e2e in-process (diffusers + PNG) p50 / p95", f"{w['p50_ms']:.1f} / {w['p95_ms']:.1f} ms"),
+        Row("e2e in-process (diffusers, no PNG) p50 / p95", f"{wo['p50_ms']:.1f} / {wo['p95_ms']:.1f} ms"),
+        Row("e2e mesh (unary Generate) p50 / p95", f"{m['p50_ms']:.1f} / {m['p95_ms']:.1f} ms"),
+        *([] if e2e.get("complete", True) else
+          [Row("e2e measured runs (time budget ran out)", str(e2e["runs"]), f">= {min(10, e2e['runs'] + 1)}", False)]),
+        Row("e2e mesh / in-process+PNG (p50)",
+            f"{e2e['ratio_p50']:.3f}x ({e2e['overhead_p50_ms']:+.1f} ms; p95 {e2e['ratio_p95']:.3f}x)",
+            f"<= {e2e['target_ratio_p50_max']:.2f}x", e2e["pass"]),
+        Row("e2e mesh / in-process without PNG (p50)", f"{e2e['ratio_p50_vs_without_png']:.3f}x"),
+    ]
+    attribution = e2e["mesh_attribution"]
+    for stage, s in attribution["stages"].items():
+        queue = f", queue {s['queue_ms_p50']:.1f}" if "queue_ms_p50" in s else ""
+        rows.append(Row(f"  mesh stage {stage}: wall / compute (p50)",
+                        f"{s['wall_ms_p50']:.1f} / {s['compute_ms_p50']:.1f} ms "
+                        f"(outside compute {s['outside_compute_ms_p50']:.1f}{queue} ms)"))
+    ph = e2e["in_process_phases_ms_p50"]
+    rows.append(Row("  in-process: encode_prompt / steps+setup / vae.decode / postprocess / PNG (p50)",
+                    f"{ph['encode_prompt']:.1f} / {ph['steps_and_setup (the rest of the call)']:.1f} / "
+                    f"{ph['vae_decode']:.1f} / {ph['postprocess']:.1f} / {ph['png']:.1f} ms"))
+    if e2e.get("mesh_denoiser_step_ms_p50_from_stream"):
+        rows.append(Row("  mesh per denoising step (GenerateStream progress, p50)",
+                        f"{e2e['mesh_denoiser_step_ms_p50_from_stream']:.2f} ms"))
+    floor = attribution.get("grpc_health_check_round_trip_ms_p50") or {}
+    if floor:
+        rows.append(Row("  gRPC floor: health Check round trip per stage (p50)",
+                        ", ".join(f"{s} {ms:.2f}" for s, ms in floor.items()) + " ms"))
+    rows.append(Row("  mesh orchestrator outside stage calls (p50)",
+                    f"{attribution['orchestrator_outside_stages_ms_p50']:.1f} ms"))
+    rows.append(Row("  mesh client -> orchestrator hop (p50)",
+                    f"{attribution['client_to_orchestrator_ms_p50']:.1f} ms"))
+    rows.append(Row("  max pixel difference mesh vs in-process",
+                    str(e2e["max_pixel_difference_mesh_vs_in_process"]), "<= 1",
+                    e2e["max_pixel_difference_mesh_vs_in_process"] <= 1))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench.json")
+    parser.add_argument("--models", type=Path, default=ROOT / ".models", help="tiny model set root")
+    parser.add_argument("--runs", type=int, default=30, help="measured end-to-end runs per side (>= 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="end-to-end warm-up runs per side")
+    parser.add_argument("--hop-iters", type=int, default=200, help="measured hop iterations (>= 50)")
+    parser.add_argument("--hop-warmup", type=int, default=20)
+    parser.add_argument("--no-what-if", action="store_true", help="skip the tuned-malloc hop configuration")
+    parser.add_argument("--mesh-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the mesh's stage processes (what-if runs), repeatable")
+    parser.add_argument("--stage-threads", action="append", default=[], metavar="STAGE=N",
+                        help="what-if: --torch-threads N for one mesh stage (e.g. vae=1), repeatable")
+    parser.add_argument("--max-seconds", type=float, default=200.0,
+                        help="time budget: past it the end-to-end part stops after its first 10 measured runs")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-hops", action="store_true")
+    args = parser.parse_args(argv)
+
+    os.chdir(ROOT)  # LocalMesh runs `python -m services.<stage>` from here
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+    }
+    rows: list[Row] = []
+
+    errors: dict[str, str] = {}
+    if not args.skip_hops:
+        from bench.hops import run_hops
+        print(f"per-hop overhead: {args.hop_iters} iterations after {args.hop_warmup} warm-up, interleaved ...",
+              flush=True)
+        t0 = time.perf_counter()
+        try:
+            result["hops"] = run_hops(args.hop_iters, args.hop_warmup, what_if=not args.no_what_if)
+            result["hops"]["elapsed_s"] = time.perf_counter() - t0
+            rows += _hop_rows(result["hops"])
+        except Exception as exc:  # noqa: BLE001 - report it, still run the rest and write the JSON
+            errors["hops"] = f"{type(exc).__name__}: {exc}"
+
+    if not args.skip_e2e:
+        from bench.e2e import run_e2e
+        print(f"end to end: {args.warmup} warm-up + {args.runs} measured runs per side, interleaved ...",
+              flush=True)
+        t0 = time.perf_counter()
+        mesh_env = dict(item.split("=", 1) for item in args.mesh_env)
+        try:
+            stage_args = {stage: ["--torch-threads", n]
+                          for stage, n in (item.split("=", 1) for item in args.stage_threads)}
+            result["e2e"] = run_e2e(args.models, runs=args.runs, warmup=args.warmup, mesh_env=mesh_env,
+                                    stage_args=stage_args,
+                                    deadline=time.monotonic() - (time.perf_counter() - started) + args.max_seconds,
+                                    hard_deadline=time.monotonic() - (time.perf_counter() - started)
+                                    + 2 * args.max_seconds)
+            result["e2e"]["elapsed_s"] = time.perf_counter() - t0
+            rows += _e2e_rows(result["e2e"])
+        except Exception as exc:  # noqa: BLE001
+            errors["e2e"] = f"{type(exc).__name__}: {exc}"
+    result["errors"] = errors
+
+    if "hops" in result and "what_if" in result["hops"]:
+        rows += _what_if_rows(result["hops"])
+
+    result["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["machine"]["cpu_pressure_at_end"] = cpu_pressure()
+    result["elapsed_s"] = time.perf_counter() - started
+    result["summary"] = [{"figure": r.name, "measured": r.value, "target": r.target, "status": r.status or None}
+                         for r in rows]
+    result["all_targets_met"] = all(r.ok for r in rows if r.ok is not None)
+
+    m = result["machine"]
+    load = m["load_average"] or [0.0]
+    pressure = [p for p in (m.get("cpu_pressure"), m.get("cpu_pressure_at_end")) if p is not None]
+    # PSI (share of time something waited for a CPU) when the kernel has it; the load average lags
+    busy = any(p > 20.0 for p in pressure) if pressure else load[0] > (m["cpu_count"] or 1) * 0.75
+    result["machine_was_busy"] = busy
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print()
+    print(f"diffmesh bench: {m['cpu_count']} CPUs ({m['cpu_model']}), torch {m['versions']['torch']}, "
+          f"grpcio {m['versions']['grpcio']}, protobuf {m['versions']['protobuf']} ({m['protobuf_backend']}), "
+          f"load average {', '.join(f'{x:.2f}' for x in load)}")
+    print(format_table(rows))
+    if busy:
+        print(f"\nnote: the machine was busy (load average {load[0]:.2f} on {m['cpu_count']} CPUs at the start, "
+              f"CPU pressure {', '.join(f'{p:.0f}%' for p in pressure)} at start/end): other processes shared "
+              "the CPUs, so these figures are not trustworthy; rerun on a quiet machine")
+    for part, error in errors.items():
+        print(f"\n{part} could not be measured: {error}", file=sys.stderr)
+    verdict = "every target met" if result["all_targets_met"] else "some targets missed (see MISS)"
+    print(f"\nwrote {args.out} in {result['elapsed_s']:.0f}s; {verdict}"
+          + (" (busy machine: not conclusive)" if busy else ""))
+    # A missed target is a finding (exit 0); a part that could not run at all is a failure.
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
