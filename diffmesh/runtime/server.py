@@ -27,7 +27,7 @@ from diffmesh.proto.v1 import common_pb2
 from diffmesh.runtime import errors, metrics, telemetry
 from diffmesh.runtime.channels import channel_options
 from diffmesh.runtime.config import ConfigError, ServerConfig, load_config
-from diffmesh.runtime.device import configure_threads
+from diffmesh.runtime.device import configure_threads, keep_freed_memory
 from diffmesh.runtime.logs import log_event, setup_logging
 
 log = logging.getLogger("diffmesh.server")
@@ -307,6 +307,8 @@ def run_stage(make_stage: Callable[[C], Stage], config_cls: type[C], argv: Seque
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_threads(config.torch_threads)
+    if config.keep_freed_memory:
+        keep_freed_memory()
     try:
         return asyncio.run(serve(make_stage(config), config))
     finally:

@@ -125,6 +125,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                         steps_done.inc()
                         progress = denoiser_pb2.DenoiseProgress(step=step, total_steps=total, timestep=timestep,
                                                                 elapsed_ms=elapsed_ms(start))
+                        if request.quiet:
+                            return
                         if job.preview_every and step % job.preview_every == 0:
                             pending[0] = progress  # sent by on_preview, with the previews
                         else:

@@ -64,7 +64,9 @@ RETRY_BACKOFF_S = 0.05
 
 class Generation:
     def __init__(self, plan: GenerationPlan, router: StageRouter, deadline: Deadline, request_key: str,
-                 shadow: ShadowDiffer | None = None, shadow_timeout_s: float = 300.0) -> None:
+                 shadow: ShadowDiffer | None = None, shadow_timeout_s: float = 300.0,
+                 progress: bool = True) -> None:
+        self.progress = progress  # unary Generate needs no per-step events from the denoiser
         self.plan = plan
         self.router = router
         self.deadline = deadline
@@ -158,7 +160,7 @@ class Generation:
             guidance_scale=plan.guidance_scale, width=plan.width, height=plan.height, seeds=plan.seeds,
             timesteps=plan.timesteps or [], timestep_spacing=plan.timestep_spacing,
             sigma_schedule=plan.sigma_schedule, guidance_rescale=plan.guidance_rescale,
-            preview_every=plan.preview_every)
+            preview_every=plan.preview_every if self.progress else 0, quiet=not self.progress)
         if plan.change_map is not None:
             request.change_map.CopyFrom(codec.from_numpy(plan.change_map))
             request.change_map_is_mask = plan.change_map_is_mask

@@ -32,8 +32,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self._limits = limits
         self._catalog = catalog
 
-    def _generation(self, request: orchestrator_pb2.GenerateRequest,
-                    context: grpc.aio.ServicerContext) -> Generation:
+    def _generation(self, request: orchestrator_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                    progress: bool) -> Generation:
         request_id = uuid.uuid4().hex
         plan = plan_request(request, self._limits, self._catalog, request_id)
         remaining = context.time_remaining()
@@ -45,11 +45,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         annotate(**attributes)
         log_event(log, "generate", **{key.split(".", 1)[1]: value for key, value in attributes.items()})
         return Generation(plan, self._router, deadline, request.request_key or request_id, self._shadow,
-                          self._default_timeout_s)
+                          self._default_timeout_s, progress)
 
     async def Generate(self, request: orchestrator_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> orchestrator_pb2.GenerateResponse:
-        generation = self._generation(request, context)
+        generation = self._generation(request, context, progress=False)
         async for event in generation.run():
             if event.HasField("result"):
                 return event.result
@@ -57,6 +57,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     async def GenerateStream(self, request: orchestrator_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[orchestrator_pb2.GenerateEvent]:
-        generation = self._generation(request, context)
+        generation = self._generation(request, context, progress=True)
         async for event in generation.run():
             yield event
