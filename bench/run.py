@@ -90,6 +90,21 @@ def _e2e_rows(e2e: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _extras_rows(extras: dict[str, Any]) -> list[Row]:
+    t, p, s = extras["tracing"], extras["previews"], extras["denoiser_steps"]
+    return [
+        Row("tracing always_on / always_off (p50, unary Generate)",
+            f"{t['ratio_p50']:.3f}x ({t['on']['p50_ms']:.1f} / {t['off']['p50_ms']:.1f} ms, "
+            f"{t['spans_exported']} spans exported)", f"<= {t['target']:.2f}x", t["ratio_p50"] <= t["target"]),
+        Row("previews every step / none (p50, GenerateStream)",
+            f"{p['ratio_p50']:.3f}x ({p['on']['p50_ms']:.1f} / {p['off']['p50_ms']:.1f} ms; "
+            f"{p['per_preview_ms']:.2f} ms per preview)"),
+        Row("denoiser stage per step / diffusers loop per step (p50)",
+            f"{s['ratio_p50']:.3f}x ({s['denoiser_stage_per_step']['p50_ms']:.2f} / "
+            f"{s['diffusers_per_step']['p50_ms']:.2f} ms; {s['overhead_per_step_ms']:+.3f} ms per step)"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench.json")
@@ -107,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="time budget: past it the end-to-end part stops after its first 10 measured runs")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-hops", action="store_true")
+    parser.add_argument("--skip-extras", action="store_true", help="skip tracing/previews/per-step ratios")
     args = parser.parse_args(argv)
 
     os.chdir(ROOT)  # LocalMesh runs `python -m services.<stage>` from here
@@ -148,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
             rows += _e2e_rows(result["e2e"])
         except Exception as exc:  # noqa: BLE001
             errors["e2e"] = f"{type(exc).__name__}: {exc}"
+    if not args.skip_extras:
+        from bench.extras import run_extras
+        print("tracing on vs off, previews on vs off, denoiser per-step overhead ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            result["extras"] = run_extras(args.models)
+            result["extras"]["elapsed_s"] = time.perf_counter() - t0
+            rows += _extras_rows(result["extras"])
+        except Exception as exc:  # noqa: BLE001
+            errors["extras"] = f"{type(exc).__name__}: {exc}"
     result["errors"] = errors
 
     if "hops" in result and "what_if" in result["hops"]:
