@@ -1,8 +1,9 @@
 """Tensor <-> protobuf codec.
 
-Decoding maps the received bytes without copying (numpy.frombuffer, then torch.from_numpy) after
+Decoding maps the payload without copying it (numpy.frombuffer, then torch.from_numpy) after
 checking dtype x shape x byte length, so a malformed payload is an InvalidArgument naming the
-field, never a crash. Decoded arrays are read-only views of the message's bytes.
+field, never a crash. Decoded arrays are read-only views of the payload's bytes object (upb
+makes that object, one copy, when the field is read; the codec reads it once).
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def to_numpy(t: Tensor, field: str, *, dtypes: Iterable[int] | None = None,
 
 def to_torch(t: Tensor, field: str, *, dtypes: Iterable[int] | None = None,
              rank: int | None = None) -> torch.Tensor:
-    """torch view over the message's bytes (no copy); move or cast it before writing into it."""
+    """torch view over the payload (no copy beyond protobuf's own); move or cast it before writing."""
     kind, array = _decode(t, field, dtypes, rank)
     if array.size == 0:
         return torch.empty(array.shape, dtype=kind.torch)
