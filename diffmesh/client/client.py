@@ -48,10 +48,18 @@ def build_request(prompt: str, *, negative_prompt: str | None = None, model: str
     return request
 
 
-def wait_for_serving(address: str, timeout: float = 60.0, service: str = "") -> None:
+def _channel(address: str, credentials: grpc.ChannelCredentials | None, options=None) -> grpc.Channel:
+    target = channel_target(address)
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, options=options)
+    return grpc.insecure_channel(target, options=options)
+
+
+def wait_for_serving(address: str, timeout: float = 60.0, service: str = "",
+                     credentials: grpc.ChannelCredentials | None = None) -> None:
     """Blocks until the server at address reports SERVING; TimeoutError otherwise."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(channel_target(address)) as channel:
+    with _channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -66,8 +74,10 @@ def wait_for_serving(address: str, timeout: float = 60.0, service: str = "") -> 
 
 
 class MeshClient:
-    def __init__(self, address: str = "127.0.0.1:50051", max_message_mb: int = 256) -> None:
-        self._channel = grpc.insecure_channel(channel_target(address), options=channel_options(max_message_mb))
+    def __init__(self, address: str = "127.0.0.1:50051", max_message_mb: int = 256,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """credentials: grpc.ssl_channel_credentials(...) for a mesh serving (m)TLS."""
+        self._channel = _channel(address, credentials, channel_options(max_message_mb))
         self.stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     def generate(self, request: orchestrator_pb2.GenerateRequest,

@@ -57,11 +57,15 @@ def channel_options(max_message_mb: int) -> list[tuple[str, object]]:
     ]
 
 
-def open_channel(address: str, max_message_mb: int = 256) -> grpc.aio.Channel:
+def open_channel(address: str, max_message_mb: int = 256,
+                 credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
     options = channel_options(max_message_mb) + [
         ("grpc.service_config", _service_config()),
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", 30_000),
     ]
+    if credentials is not None:
+        return grpc.aio.secure_channel(channel_target(address), credentials, options=options,
+                                       interceptors=telemetry.client_interceptors())
     return grpc.aio.insecure_channel(channel_target(address), options=options,
                                      interceptors=telemetry.client_interceptors())

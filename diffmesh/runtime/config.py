@@ -56,6 +56,11 @@ class ServerConfig:
     max_connection_age_s: float = setting(
         300.0, "close client connections after this long (0: never) so clients re-resolve DNS and new "
         "replicas behind a headless Service get traffic; in-flight calls get grace_period_s", min=0)
+    health_port: int = setting(0, "extra plaintext port serving only grpc.health.v1 (for kubelet gRPC probes, "
+                                  "which cannot speak TLS); 0: none", min=0, max=65535)
+    tls_cert_file: str = setting("", "PEM certificate chain: serve TLS (and present it as the client identity)")
+    tls_key_file: str = setting("", "PEM private key for tls_cert_file")
+    tls_ca_file: str = setting("", "PEM CA bundle: require client certificates it signed (mTLS) and verify servers")
     metrics_port: int = setting(0, "Prometheus metrics HTTP port (0: no metrics endpoint)", min=0, max=65535)
     variant: str = setting("stable", "which replica set this process belongs to (reported per call)",
                            choices=("stable", "canary"))

@@ -29,6 +29,7 @@ from diffmesh.runtime.channels import channel_options
 from diffmesh.runtime.config import ConfigError, ServerConfig, load_config
 from diffmesh.runtime.device import configure_threads, keep_freed_memory
 from diffmesh.runtime.logs import log_event, setup_logging
+from diffmesh.runtime.tls import load_tls
 
 log = logging.getLogger("diffmesh.server")
 T = TypeVar("T")
@@ -234,6 +235,12 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
                 on_bound: Callable[[int], None] | None = None) -> int:
     """Runs a stage until SIGTERM/SIGINT (or until `stop` is set, for in-process use); returns
     the process exit code."""
+    try:
+        tls = load_tls(config)
+    except ConfigError as exc:
+        log_event(log, "start-up failed", logging.ERROR, stage=stage.name, error=str(exc))
+        print(f"diffmesh {stage.name}: start-up failed: {exc}", file=sys.stderr)
+        return 1
     interceptor = _ServiceInterceptor(stage.name, config.variant)
     # The tracing interceptor goes first so its server span encloses the error mapping and sees
     # the final status code.
@@ -253,11 +260,22 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     metrics.READY.labels(stage.name).set(0)
 
-    bound = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         log_event(log, "cannot bind", logging.ERROR, host=config.host, port=config.port)
         return 1
     await server.start()
+    health_server = None
+    if config.health_port:
+        # Probes only: this port serves nothing but health, so it can stay plaintext under mTLS.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        if health_server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
+            log_event(log, "cannot bind", logging.ERROR, host=config.host, port=config.health_port)
+            await server.stop(0)
+            return 1
+        await health_server.start()
     if config.metrics_port:
         metrics.start_metrics_server(config.host, config.metrics_port)
     log_event(log, "listening", stage=stage.name, host=config.host, port=bound, metrics_port=config.metrics_port)
@@ -275,6 +293,8 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
         log_event(log, "start-up failed", logging.ERROR, stage=stage.name, error=str(exc))
         print(f"diffmesh {stage.name}: start-up failed: {exc}", file=sys.stderr)
         await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
         return 1
     interceptor.ready = True
     for name in ("", *names):
@@ -287,6 +307,8 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     await health_servicer.enter_graceful_shutdown()
     metrics.READY.labels(stage.name).set(0)
     await server.stop(config.grace_period_s)
+    if health_server is not None:
+        await health_server.stop(0)
     stage.finalize()
     log_event(log, "stopped", stage=stage.name)
     return 0

@@ -12,6 +12,7 @@ from diffmesh.proto.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from diffmesh.runtime.channels import channel_target
 from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
+from diffmesh.runtime.tls import load_tls
 from services.orchestrator.plan import Limits, ModelCatalog
 from services.orchestrator.routing import StageRoute, StageRouter
 from services.orchestrator.servicer import OrchestratorServicer
@@ -107,7 +108,9 @@ class OrchestratorStage:
 
     def register(self, server: grpc.aio.Server) -> None:
         # Channels are made here, on the server's event loop; the catalog arrives in initialize.
-        self.router = StageRouter(self.config.routes(), self.config.max_message_mb)
+        tls = load_tls(self.config)  # the orchestrator's own identity is its client identity to the stages
+        self.router = StageRouter(self.config.routes(), self.config.max_message_mb,
+                                  tls.channel_credentials() if tls else None)
         shadow = ShadowDiffer(self.config.shadow_threshold, self.config.shadow_max_in_flight)
         self.servicer = OrchestratorServicer(self.router, self.config.request_timeout_s, shadow)
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self.servicer, server)

@@ -36,14 +36,15 @@ def bucket(stage: str, request_key: str, purpose: str = "route") -> float:
 
 
 class StageRouter:
-    def __init__(self, routes: list[StageRoute], max_message_mb: int) -> None:
+    def __init__(self, routes: list[StageRoute], max_message_mb: int,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self._routes = {route.stage: route for route in routes}
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str, Any], Any] = {}
         for route in routes:
-            self._channels[(route.stage, STABLE)] = open_channel(route.stable, max_message_mb)
+            self._channels[(route.stage, STABLE)] = open_channel(route.stable, max_message_mb, credentials)
             if route.canary:
-                self._channels[(route.stage, CANARY)] = open_channel(route.canary, max_message_mb)
+                self._channels[(route.stage, CANARY)] = open_channel(route.canary, max_message_mb, credentials)
 
     def choose(self, stage: str, request_key: str) -> str:
         route = self._routes[stage]

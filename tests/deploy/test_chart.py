@@ -611,6 +611,12 @@ def test_observability_and_tls_from_values(renders: dict[str, Rendered]) -> None
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         assert mounts["/etc/diffmesh/tls"]["readOnly"] is True
         assert volumes[mounts["/etc/diffmesh/tls"]["name"]]["secret"]["secretName"] == "diffmesh-mesh-tls"
+        # The services serve mTLS from the mounted files; probes go to the plaintext health-only port.
+        assert (env["DIFFMESH_TLS_CERT_FILE"], env["DIFFMESH_TLS_KEY_FILE"], env["DIFFMESH_TLS_CA_FILE"]) == (
+            "/etc/diffmesh/tls/tls.crt", "/etc/diffmesh/tls/tls.key", "/etc/diffmesh/tls/ca.crt")
+        probe_port = gpu.stage(stage)["probePort"]
+        assert probe_port and env["DIFFMESH_HEALTH_PORT"] == str(probe_port)
+        assert container["readinessProbe"]["grpc"]["port"] == probe_port
     (monitor,) = gpu.of_kind("ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     for service in gpu.of_kind("Service"):
@@ -620,6 +626,7 @@ def test_observability_and_tls_from_values(renders: dict[str, Rendered]) -> None
         env = env_of(container)
         assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env and env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
         assert "/etc/diffmesh/tls" not in [m["mountPath"] for m in container["volumeMounts"]]
+        assert "DIFFMESH_TLS_CERT_FILE" not in env and "DIFFMESH_HEALTH_PORT" not in env
     assert not renders["defaults"].of_kind("ServiceMonitor")
 
 

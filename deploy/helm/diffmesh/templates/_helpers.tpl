@@ -142,7 +142,7 @@ dict root stage
 {{- if and $s.canary.enabled $s.canary.autoscaling.enabled (lt (int $s.canary.autoscaling.maxReplicas) (int $s.canary.autoscaling.minReplicas)) -}}
 {{- fail (printf "stages.%s.canary.autoscaling: maxReplicas (%v) < minReplicas (%v)" .stage $s.canary.autoscaling.maxReplicas $s.canary.autoscaling.minReplicas) -}}
 {{- end -}}
-{{- $reserved := list "host" "port" "metrics_port" "registry" "grace_period_s" "variant" -}}
+{{- $reserved := list "host" "port" "metrics_port" "health_port" "tls_cert_file" "tls_key_file" "tls_ca_file" "registry" "grace_period_s" "variant" -}}
 {{- range $stageName := splitList " " (include "diffmesh.stageOrder" .root) -}}
 {{- $reserved = concat $reserved (list (printf "%s_address" $stageName) (printf "%s_canary_address" $stageName) (printf "%s_canary_weight" $stageName) (printf "%s_shadow_percent" $stageName)) -}}
 {{- end -}}
