@@ -124,6 +124,11 @@ class Admission:
                                      variant=self.variant, instance_id=telemetry.instance_id())
 
 
+@dataclass
+class _Call:
+    bytes_out: int = 0
+
+
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Per call, for every stage's own services: answers UNAVAILABLE until models are loaded;
     turns MeshError into its status code and any other exception into INTERNAL (logged once), so
@@ -184,50 +189,43 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _code_of(exc: BaseException) -> str:
         if isinstance(exc, errors.MeshError):
             return exc.code
-        if isinstance(exc, asyncio.CancelledError):
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the caller went away
             return "CANCELLED"
         return "INTERNAL"
 
+    @asynccontextmanager
+    async def _observed(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
+        """Around one call: the readiness gate, error mapping, metrics and payload attributes."""
+        start, code, call = None, "OK", _Call()
+        try:
+            start = self._begin(method, request)
+            yield call
+        except grpc.aio.AbortError:
+            code = "ABORTED_BY_HANDLER"
+            raise
+        except BaseException as exc:
+            code = self._code_of(exc)
+            if isinstance(exc, Exception):
+                await self._fail(context, exc, method)
+            raise
+        finally:
+            if start is not None:
+                self._end(method, start, code, call.bytes_out)
+
     def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start, code, bytes_out = None, "OK", 0
-            try:
-                start = self._begin(method, request)
+            async with self._observed(method, request, context) as call:
                 response = await behavior(request, context)
-                bytes_out = response.ByteSize()
+                call.bytes_out = response.ByteSize()
                 return response
-            except grpc.aio.AbortError:
-                code = "ABORTED_BY_HANDLER"
-                raise
-            except BaseException as exc:
-                code = self._code_of(exc)
-                if isinstance(exc, Exception):
-                    await self._fail(context, exc, method)
-                raise
-            finally:
-                if start is not None:
-                    self._end(method, start, code, bytes_out)
         return handle
 
     def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start, code, bytes_out = None, "OK", 0
-            try:
-                start = self._begin(method, request)
+            async with self._observed(method, request, context) as call:
                 async for item in behavior(request, context):
-                    bytes_out += item.ByteSize()
+                    call.bytes_out += item.ByteSize()
                     yield item
-            except grpc.aio.AbortError:
-                code = "ABORTED_BY_HANDLER"
-                raise
-            except BaseException as exc:
-                code = self._code_of(exc)
-                if isinstance(exc, Exception):
-                    await self._fail(context, exc, method)
-                raise
-            finally:
-                if start is not None:
-                    self._end(method, start, code, bytes_out)
         return handle
 
 
