@@ -38,10 +38,6 @@ class InvalidArgument(MeshError):
         super().__init__(f"{field}: {reason} (got {describe_value(value)})")
 
 
-class NotFound(MeshError):
-    code = "NOT_FOUND"
-
-
 class ResourceExhausted(MeshError):
     """Admission control: the stage is at capacity; the caller should back off and retry."""
 
@@ -50,10 +46,6 @@ class ResourceExhausted(MeshError):
 
 class Unavailable(MeshError):
     code = "UNAVAILABLE"
-
-
-class FailedPrecondition(MeshError):
-    code = "FAILED_PRECONDITION"
 
 
 class Cancelled(MeshError):
