@@ -177,13 +177,14 @@ def run_e2e(models_root: Path, runs: int = 10, warmup: int = 3, stream_runs: int
     stop outright (the result is then marked incomplete) once hard_deadline has passed too."""
     from diffmesh.client import MeshClient
     from diffmesh.imaging import decode_image
-    from diffmesh.mesh import STAGES, LocalMesh, free_port
+    from diffmesh.mesh import LocalMesh, free_port
+    from diffmesh.stages import STAGES
 
     default_threads = torch.get_num_threads()
     torch.set_num_threads(2)
     registry = _registry(models_root)
     workdir = Path(tempfile.mkdtemp(prefix="diffmesh-bench-"))
-    mesh = LocalMesh(registry=registry, workdir=workdir, ports={stage: free_port() for stage in STAGES},
+    mesh = LocalMesh(registry=registry, workdir=workdir, ports={stage: free_port() for stage in STAGES.names()},
                      env=dict(mesh_env or {}), extra_args=dict(stage_args or {}))
     t0 = time.perf_counter()
     mesh.start()
@@ -231,7 +232,7 @@ def run_e2e(models_root: Path, runs: int = 10, warmup: int = 3, stream_runs: int
                     fields = stage_fields.setdefault(t.stage, {})
                     for name in _TIMING_FIELDS:
                         fields.setdefault(name, []).append(float(getattr(t, name)))
-            health_floor = _health_floor(mesh, STAGES)
+            health_floor = _health_floor(mesh, tuple(STAGES.names()))
             stream_steps = [] if deadline is not None and time.monotonic() > deadline else \
                 _stream_step_times(client, prompts(warmup + runs + stream_runs)[warmup + runs:])
     except BaseException:

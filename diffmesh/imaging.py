@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from diffmesh.proto.v1 import common_pb2
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 FORMATS = {
     common_pb2.PNG: ("PNG", "image/png"),

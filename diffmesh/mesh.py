@@ -15,13 +15,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from diffmesh.client.client import wait_for_serving
+from diffmesh.stages import STAGES, StageSpec
 
-STAGES = ("text_encoder", "denoiser", "vae", "orchestrator")
-BACKENDS = STAGES[:-1]
-LIGHT_STAGES = ("text_encoder", "vae")
-DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50061, "denoiser": 50062, "vae": 50063}
+DEFAULT_PORTS = {spec.name: spec.default_port for spec in STAGES}
 
 
 def free_port() -> int:
@@ -30,8 +29,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def free_ports(stages=STAGES) -> dict[str, int]:
-    return {stage: free_port() for stage in stages}
+def free_ports() -> dict[str, int]:
+    return {stage: free_port() for stage in STAGES.names()}
 
 
 @dataclass(frozen=True)
@@ -51,16 +50,22 @@ class LocalMesh:
     env: dict[str, str] = field(default_factory=dict)
     replicas: dict[str, int] = field(default_factory=dict)     # stable processes per backend stage
     canaries: dict[str, float] = field(default_factory=dict)   # backend stage -> canary weight (percent)
+    # Backend stages not started (an optional stage the orchestrator then runs without).
+    without: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    extra: list[Instance] = field(default_factory=list)         # started by spawn()
 
     def instances(self) -> list[Instance]:
         found = []
-        for stage in BACKENDS:
-            found += [Instance(stage if i == 0 else f"{stage}-{i}", stage, "stable")
-                      for i in range(self.replicas.get(stage, 1))]
-            if stage in self.canaries:
-                found.append(Instance(f"{stage}-canary", stage, "canary"))
-        return found + [Instance("orchestrator", "orchestrator", "stable")]
+        for spec in STAGES.backends():
+            if spec.name in self.without:
+                continue
+            found += [Instance(spec.name if i == 0 else f"{spec.name}-{i}", spec.name, "stable")
+                      for i in range(self.replicas.get(spec.name, 1))]
+            if spec.name in self.canaries:
+                found.append(Instance(f"{spec.name}-canary", spec.name, "canary"))
+        frontend = STAGES.frontend().name
+        return found + [Instance(frontend, frontend, "stable")]
 
     def port(self, name: str) -> int:
         if name not in self.ports:
@@ -77,37 +82,64 @@ class LocalMesh:
     def stage_addresses(self, stage: str, variant: str = "stable") -> str:
         return ",".join(self.address(i.name) for i in self.instances() if i.stage == stage and i.variant == variant)
 
-    def command(self, instance: Instance) -> list[str]:
-        args = [sys.executable, "-m", f"services.{instance.stage}", "--port", str(self.port(instance.name)),
-                "--registry", str(self.registry), "--variant", instance.variant]
-        if instance.stage in LIGHT_STAGES:
+    def route_args(self) -> list[str]:
+        """The orchestrator's flags for this mesh's backends: each stage's address (its stable
+        processes), and its canary with the weight where one runs."""
+        args: list[str] = []
+        for spec in STAGES.backends():
+            addresses = self.stage_addresses(spec.name)
+            args += [f"--{spec.flag}-address", addresses]
+            if spec.name in self.canaries:
+                args += [f"--{spec.flag}-canary-address", self.stage_addresses(spec.name, "canary"),
+                         f"--{spec.flag}-canary-weight", str(self.canaries[spec.name])]
+        return args
+
+    def command(self, instance: Instance, args: Sequence[str] = ()) -> list[str]:
+        spec: StageSpec = STAGES[instance.stage]
+        command = [sys.executable, "-m", spec.package, "--port", str(self.port(instance.name)),
+                   "--registry", str(self.registry), "--variant", instance.variant]
+        if spec.local_torch_threads:
             # On a shared CPU host the light stages' idle thread pools go cold between calls and
             # contend with the denoiser's; one thread each is faster end to end (measured by the bench).
-            args += ["--torch-threads", "1"]
+            command += ["--torch-threads", str(spec.local_torch_threads)]
         if instance.name in self.metrics_ports:
-            args += ["--metrics-port", str(self.metrics_ports[instance.name])]
-        if instance.stage == "orchestrator":
-            for stage in BACKENDS:
-                flag = stage.replace("_", "-")
-                args += [f"--{flag}-address", self.stage_addresses(stage)]
-                if stage in self.canaries:
-                    args += [f"--{flag}-canary-address", self.stage_addresses(stage, "canary"),
-                             f"--{flag}-canary-weight", str(self.canaries[stage])]
-        return args + self.extra_args.get(instance.stage, []) + (
-            self.extra_args.get(instance.name, []) if instance.name != instance.stage else [])
+            command += ["--metrics-port", str(self.metrics_ports[instance.name])]
+        if spec.name == STAGES.frontend().name and not args:
+            command += self.route_args()
+        return command + self.extra_args.get(instance.stage, []) + (
+            self.extra_args.get(instance.name, []) if instance.name != instance.stage else []) + list(args)
+
+    def _launch(self, instance: Instance, args: Sequence[str], detach: bool) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{instance.name}.log", "ab") as log:
+            self.processes[instance.name] = subprocess.Popen(
+                self.command(instance, args), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                start_new_session=detach)
 
     def start(self, detach: bool = False) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env}
         for instance in self.instances():
-            log = open(self.log_dir / f"{instance.name}.log", "ab")
-            self.processes[instance.name] = subprocess.Popen(
-                self.command(instance), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=detach)
-            log.close()
+            self._launch(instance, (), detach)
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def spawn(self, name: str, stage: str, *args: str, variant: str = "stable", metrics: bool = True) -> str:
+        """One more process beside the mesh (a canary, a replica, a differently routed
+        orchestrator); `args` are its extra flags (an orchestrator given none gets this mesh's
+        routes). Returns its address; wait_ready(name) waits for it; stop() stops it too."""
+        instance = Instance(name, stage, variant)
+        if metrics:
+            self.metrics_ports.setdefault(name, free_port())
+        self.extra.append(instance)
+        self._launch(instance, args, detach=False)
+        return self.address(name)
+
+    def metrics_text(self, name: str) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[name]}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    def wait_ready(self, timeout: float = 120.0, names: Sequence[str] = ()) -> None:
         deadline = time.monotonic() + timeout
-        for name in self.processes:
+        for name in names or list(self.processes):
             while True:
                 proc = self.processes[name]
                 if proc.poll() is not None:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from diffmesh.client import MeshClient, build_request
 from diffmesh.devtools.otlp_receiver import Receiver, format_waterfall, write_spans
-from diffmesh.mesh import STAGES, LocalMesh, free_ports
+from diffmesh.cli.render import format_timings
+from diffmesh.mesh import LocalMesh, free_ports
+from diffmesh.stages import STAGES
 
 
 def run_demo(models_root: Path, out: Path, model: str) -> int:
-    from diffmesh.cli.main import format_timings
     from diffmesh.models.tiny import build_tiny_models
 
     registry = models_root / "registry.yaml"
@@ -22,7 +23,7 @@ def run_demo(models_root: Path, out: Path, model: str) -> int:
     receiver = Receiver()  # stands in for an OpenTelemetry Collector
     workdir = Path(tempfile.mkdtemp(prefix="diffmesh-demo-"))
     mesh = LocalMesh(registry=registry.resolve(), workdir=workdir, ports=free_ports(), env=receiver.exporter_env())
-    print("starting " + ", ".join(f"{s} ({mesh.address(s)})" for s in STAGES))
+    print("starting " + ", ".join(f"{s} ({mesh.address(s)})" for s in STAGES.names()))
     start = time.perf_counter()
     mesh.start()
     try:
@@ -44,7 +45,7 @@ def run_demo(models_root: Path, out: Path, model: str) -> int:
         print(f"wrote {out} ({info.width}x{info.height}, model {info.model}, {info.scheduler}, "
               f"{info.steps} steps, seed {result.images[0].seed})")
         print(format_timings(info))
-        services = {f"diffmesh-{stage.replace('_', '-')}" for stage in STAGES}
+        services = {spec.program for spec in STAGES}
         spans = receiver.collector.wait_for(info.trace_id, services)
         trace_file = out.with_name(out.stem + "-trace.json")
         write_spans(spans, trace_file)

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from diffmesh.cli.render import format_timings
+from diffmesh.stages import STAGES
+
 DEFAULT_MODELS_ROOT = Path(".models")
 DEFAULT_MESH_DIR = Path(".mesh")
-SERVABLE = ("text_encoder", "denoiser", "vae", "orchestrator")
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -37,8 +38,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    module = importlib.import_module(f"services.{args.stage}.main")
-    return module.main(list(rest))
+    return STAGES[args.stage].main_module().main(list(rest))
 
 
 def _output_paths(out: Path, count: int) -> list[Path]:
@@ -135,20 +135,6 @@ def _schedulers(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_timings(info) -> str:
-    lines = [f"{'stage':<14}{'wall ms':>10}{'compute ms':>12}{'queue ms':>10}{'bytes out':>11}{'bytes in':>11}"
-             f"  variant  device"]
-    for t in info.timings:
-        lines.append(f"{t.stage:<14}{t.wall_ms:>10.1f}{t.compute_ms:>12.1f}{t.queue_ms:>10.1f}{t.bytes_sent:>11}"
-                     f"{t.bytes_received:>11}  {t.variant:<8} {t.device}")
-    cost = info.cost
-    lines.append(f"{'total':<14}{info.total_ms:>10.1f}   device-seconds {cost.device_seconds:.3f}, "
-                 f"queue-seconds {cost.queue_seconds:.3f}, bytes moved {cost.bytes_moved}")
-    if info.trace_id:
-        lines.append(f"trace {info.trace_id}")
-    return "\n".join(lines)
-
-
 def _up(args: argparse.Namespace) -> int:
     from diffmesh.mesh import LocalMesh
 
@@ -180,11 +166,10 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _stage_option(option: str, flag: str) -> tuple[str, str]:
-    from diffmesh.mesh import BACKENDS
-
+    backends = [spec.name for spec in STAGES.backends()]
     stage, _, value = option.partition("=")
-    if stage not in BACKENDS:
-        raise ValueError(f"--{flag} {option}: stage must be one of {', '.join(BACKENDS)}")
+    if stage not in backends:
+        raise ValueError(f"--{flag} {option}: stage must be one of {', '.join(backends)}")
     if flag == "replicas" and (not value.isdigit() or int(value) < 1):
         raise ValueError(f"--replicas {option}: expected STAGE=N with N >= 1")
     if flag == "canary" and value and not 0 <= float(value) <= 100:
@@ -219,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one stage (flags after the stage go to it; --help lists them)",
                            add_help=False)
-    serve.add_argument("stage", choices=SERVABLE)
+    serve.add_argument("stage", choices=STAGES.names())
 
     gen = sub.add_parser("generate", help="generate images through a running mesh")
     gen.add_argument("--prompt", required=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Callable, Generic, Sequence, TypeVar
 
 from diffmesh.models.registry import ModelEntry, Registry
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 M = TypeVar("M")
 

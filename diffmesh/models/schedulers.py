@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 # `timestep_spacing` values (diffusers' names, Table 2 of arXiv:2305.08891).
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

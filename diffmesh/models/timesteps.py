@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 # Face-detailing anchors: ten steps that spend most of the work at low noise, where identity
 # detail is decided. Used as they are for 10 steps, interpolated for any other count.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from diffmesh.proto.v1 import tensor_pb2
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 DType = tensor_pb2.DType
 Tensor = tensor_pb2.Tensor

@@ -24,7 +24,8 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from diffmesh.proto.v1 import common_pb2
-from diffmesh.runtime import errors, metrics, telemetry
+from diffmesh import errors
+from diffmesh.runtime import metrics, telemetry
 from diffmesh.runtime.channels import channel_options
 from diffmesh.runtime.config import ConfigError, ServerConfig, load_config
 from diffmesh.runtime.device import configure_threads, keep_freed_memory

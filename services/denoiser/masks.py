@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 
 def check_change_map(change_map: torch.Tensor, count: int, height: int, width: int) -> None:

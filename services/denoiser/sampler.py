@@ -22,7 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffmesh.models.registry import ModelEntry, ModelFamily
 from diffmesh.models.schedulers import SchedulerSpec, build_scheduler
-from diffmesh.runtime.errors import Cancelled, InvalidArgument
+from diffmesh.errors import Cancelled, InvalidArgument
 from services.denoiser.masks import ProgressiveMask, check_change_map, latent_change_map
 from services.denoiser.previews import latents_to_rgb, predicted_x0
 from diffmesh.models.timesteps import validate_timesteps

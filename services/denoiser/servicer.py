@@ -15,7 +15,7 @@ from diffmesh.imaging import encode_image
 from diffmesh.models.schedulers import lookup_scheduler, require_scheduler
 from diffmesh.proto.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
 from diffmesh.runtime import codec, metrics, telemetry
-from diffmesh.runtime.errors import Cancelled, InvalidArgument
+from diffmesh.errors import Cancelled, InvalidArgument
 from diffmesh.runtime.logs import elapsed_ms, log_event
 from diffmesh.runtime.server import Admission
 from diffmesh.runtime.telemetry import annotate

@@ -20,7 +20,7 @@ import grpc
 from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, orchestrator_pb2, text_encoder_pb2,
                                text_encoder_pb2_grpc, vae_pb2, vae_pb2_grpc)
 from diffmesh.runtime import codec, metrics, telemetry
-from diffmesh.runtime.errors import MeshError
+from diffmesh.errors import MeshError
 from diffmesh.runtime.logs import elapsed_ms, log_event
 from services.orchestrator.plan import GenerationPlan
 from services.orchestrator.routing import CANARY, STABLE, StageRouter

@@ -19,7 +19,7 @@ from diffmesh.models.registry import ModelEntry, ModelFamily, Registry
 from diffmesh.models.schedulers import require_scheduler, scheduler_overrides
 from diffmesh.models.timesteps import interpolate_timesteps, validate_timesteps
 from diffmesh.proto.v1 import common_pb2, orchestrator_pb2
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1
 MAX_CLIP_SKIP = 24

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import grpc
 
 from diffmesh.proto.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from diffmesh.runtime.errors import MeshError
+from diffmesh.errors import MeshError
 from diffmesh.runtime.logs import log_event, prompt_hash
 from diffmesh.runtime.telemetry import annotate
 from services.orchestrator.pipeline import Deadline, Generation

@@ -17,7 +17,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffmesh.models.registry import ModelEntry, ModelFamily
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 from services.text_encoder.prompt_weighting import (
     TokenChunk, apply_weights, parse_prompt_weights, tokenize_weighted, window_ids)
 

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 
 from diffmesh.models.registry import ModelEntry
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 
 class LatentImageCodec:

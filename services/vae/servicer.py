@@ -9,7 +9,7 @@ from diffmesh.imaging import encode_image
 from diffmesh.models.pool import ModelPool
 from diffmesh.proto.v1 import tensor_pb2, vae_pb2, vae_pb2_grpc
 from diffmesh.runtime import codec, metrics, telemetry
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 from diffmesh.runtime.telemetry import annotate, traced
 from diffmesh.runtime.server import Admission
 from services.vae.autoencoder import LatentImageCodec

@@ -17,7 +17,7 @@ from diffmesh.proto.v1 import vae_pb2, vae_pb2_grpc
 from diffmesh.runtime import codec
 from diffmesh.runtime.channels import channel_options, open_channel
 from diffmesh.runtime.config import ServerConfig
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 from diffmesh.runtime.server import Admission, serve
 
 SERVICE = vae_pb2.DESCRIPTOR.services_by_name["Vae"].full_name

@@ -3,9 +3,7 @@ orchestrator presents its own certificate to them; plaintext and certificate-les
 refused."""
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -13,7 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from diffmesh.client import MeshClient, build_request, wait_for_serving
-from diffmesh.mesh import BACKENDS, free_port
+from diffmesh.mesh import LocalMesh, free_port, free_ports
+from diffmesh.stages import STAGES
 from diffmesh.runtime.config import ServerConfig
 from diffmesh.runtime.tls import load_tls
 
@@ -45,32 +44,22 @@ def credentials(certs: Path, with_client_cert: bool = True) -> grpc.ChannelCrede
 
 @pytest.fixture(scope="module")
 def tls_mesh(certs, registry, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("tls-logs")
     tls = ["--tls-cert-file", str(certs / "server.pem"), "--tls-key-file", str(certs / "server.key"),
            "--tls-ca-file", str(certs / "ca.pem")]
-    ports = {stage: free_port() for stage in (*BACKENDS, "orchestrator")}
     health_port = free_port()
-    procs = []
-    for stage, port in ports.items():
-        args = [sys.executable, "-m", f"services.{stage}", "--port", str(port), "--registry", str(registry), *tls]
-        if stage == "orchestrator":
-            for backend in BACKENDS:
-                args += [f"--{backend.replace('_', '-')}-address", f"127.0.0.1:{ports[backend]}"]
-        else:
-            args += ["--models", "tiny-sd15"]
-        if stage == "denoiser":
-            args += ["--health-port", str(health_port)]
-        procs.append(subprocess.Popen(args, stdout=open(logs / f"{stage}.log", "wb"), stderr=subprocess.STDOUT))
+    backend = tls + ["--models", "tiny-sd15"]
+    mesh = LocalMesh(registry=registry, workdir=tmp_path_factory.mktemp("tls"), ports=free_ports(),
+                     extra_args={**{spec.name: backend for spec in STAGES.backends()},
+                                 STAGES.frontend().name: tls})
+    mesh.extra_args["denoiser"] = backend + ["--health-port", str(health_port)]
+    mesh.start()
     try:
-        for port in ports.values():
-            wait_for_serving(f"127.0.0.1:{port}", 120, credentials=credentials(certs))
-        yield {**{stage: f"127.0.0.1:{port}" for stage, port in ports.items()},
+        for name in mesh.processes:
+            wait_for_serving(mesh.address(name), 120, credentials=credentials(certs))
+        yield {**{name: mesh.address(name) for name in mesh.processes},
                "denoiser-health": f"127.0.0.1:{health_port}"}
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            assert proc.wait(30) == 0
+        assert all(code == 0 for code in mesh.stop().values())
 
 
 def test_a_request_crosses_every_hop_over_mtls(certs, tls_mesh):

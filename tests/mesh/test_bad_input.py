@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from diffmesh.client import build_request
-from diffmesh.mesh import STAGES
+from diffmesh.stages import STAGES
 from diffmesh.proto.v1 import (denoiser_pb2, denoiser_pb2_grpc, orchestrator_pb2, tensor_pb2, text_encoder_pb2,
                                text_encoder_pb2_grpc, vae_pb2, vae_pb2_grpc)
 from diffmesh.runtime import codec
@@ -72,7 +72,7 @@ def generate_request(fields: dict) -> orchestrator_pb2.GenerateRequest:
 
 
 def assert_mesh_healthy(mesh, client) -> None:
-    for stage in STAGES:
+    for stage in STAGES.names():
         with grpc.insecure_channel(mesh.address(stage)) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING, stage

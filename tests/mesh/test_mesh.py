@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from PIL import Image
 
 from diffmesh.client import build_request
-from diffmesh.mesh import STAGES
+from diffmesh.stages import STAGES
 
 SMALL = dict(model="tiny-sd15", width=64, height=64, scheduler="euler")
 
@@ -123,7 +123,7 @@ def test_deadline_propagates_to_the_denoiser(mesh, client):
 def test_reflection_lists_each_stage_service(mesh):
     expected = {"text_encoder": "diffmesh.v1.TextEncoder", "denoiser": "diffmesh.v1.Denoiser",
                 "vae": "diffmesh.v1.Vae", "orchestrator": "diffmesh.v1.Orchestrator"}
-    for stage in STAGES:
+    for stage in STAGES.names():
         with grpc.insecure_channel(mesh.address(stage)) as channel:
             database = ProtoReflectionDescriptorDatabase(channel)
             services = set(database.get_services())

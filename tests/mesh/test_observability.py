@@ -12,10 +12,10 @@ import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from diffmesh.client import build_request
-from diffmesh.mesh import STAGES
+from diffmesh.stages import STAGES
 from diffmesh.proto.v1 import orchestrator_pb2_grpc
 
-SERVICES = {f"diffmesh-{stage.replace('_', '-')}" for stage in STAGES}
+SERVICES = {spec.program for spec in STAGES}
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
 PROMPT = "a secret prompt about a purple giraffe"
 
@@ -115,7 +115,7 @@ def test_the_response_and_root_span_carry_the_cost(traced_call):
 
 def test_logs_are_json_with_trace_ids_and_no_prompt(mesh, traced_call):
     trace_id = traced_call[0]
-    for stage in STAGES:
+    for stage in STAGES.names():
         lines = (mesh.log_dir / f"{stage}.log").read_text().splitlines()
         entries = [json.loads(line) for line in lines if line.startswith("{")]
         assert entries and all({"ts", "level", "service", "msg"} <= e.keys() for e in entries)
@@ -146,10 +146,10 @@ def sample(text: str, name: str, **labels: str) -> float:
 def test_every_service_exposes_metrics_that_move(mesh, client):
     methods = {"orchestrator": "/diffmesh.v1.Orchestrator/Generate", "text_encoder": "/diffmesh.v1.TextEncoder/Encode",
                "denoiser": "/diffmesh.v1.Denoiser/Denoise", "vae": "/diffmesh.v1.Vae/Decode"}
-    before = {stage: scrape(mesh, stage) for stage in STAGES}
+    before = {stage: scrape(mesh, stage) for stage in STAGES.names()}
     client.generate(build_request(f"metrics probe {secrets.token_hex(4)}", model="tiny-sd15", width=64, height=64,
                                   steps=3, seed=2), timeout=60)
-    for stage in STAGES:
+    for stage in STAGES.names():
         after = scrape(mesh, stage)
         for name in ("diffmesh_grpc_requests_total", "diffmesh_grpc_request_duration_seconds_count"):
             moved = sample(after, name, method=methods[stage]) - sample(before[stage], name, method=methods[stage])

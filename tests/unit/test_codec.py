@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from diffmesh.runtime import codec
 from diffmesh.runtime.codec import DType, Tensor
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 
 FIELD = "request.latents"
 INT32 = (-(2**31), 2**31 - 1)

@@ -6,7 +6,7 @@ import torch
 
 from diffmesh.models.registry import Registry
 from diffmesh.models.schedulers import SCHEDULERS
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 from services.denoiser.masks import (change_map_from_grey, change_map_from_mask, free_masks, gaussian_blur,
                                      latent_change_map, step_thresholds)
 from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds

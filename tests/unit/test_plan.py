@@ -14,7 +14,7 @@ from PIL import Image
 from diffmesh.models.registry import ModelFamily
 from diffmesh.models.tiny import SD15_ID, SDXL_ID, build_tiny_models
 from diffmesh.proto.v1 import common_pb2, orchestrator_pb2
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 from services.orchestrator.plan import MAX_SEED, GenerationPlan, Limits, ModelCatalog, plan_request
 
 # The orchestrator's defaults (OrchestratorConfig.limits()).

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffmesh.models.registry import Registry
 from diffmesh.models.schedulers import (SCHEDULERS, SIGMA_SCHEDULES, build_scheduler, list_schedulers,
                                         lookup_scheduler, require_scheduler, scheduler_names, scheduler_overrides)
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds
 
 CPU = torch.device("cpu")

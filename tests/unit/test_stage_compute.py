@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffmesh.models.registry import Registry
 from diffmesh.models.schedulers import SCHEDULERS
-from diffmesh.runtime.errors import Cancelled, InvalidArgument
+from diffmesh.errors import Cancelled, InvalidArgument
 from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds, img2img_steps
 from services.text_encoder.encoder import ClipPromptEncoder, EmbeddingCache, PromptEmbeddings
 from services.vae.autoencoder import LatentImageCodec

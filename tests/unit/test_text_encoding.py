@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffmesh.models.registry import Registry
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 from services.text_encoder.encoder import ClipPromptEncoder
 from services.text_encoder.prompt_weighting import apply_weights
 

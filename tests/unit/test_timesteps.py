@@ -11,7 +11,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from diffmesh.models.registry import Registry
 from diffmesh.models.schedulers import SCHEDULERS
-from diffmesh.runtime.errors import InvalidArgument
+from diffmesh.errors import InvalidArgument
 from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds
 from diffmesh.models.timesteps import (FACE_DETAIL_ANCHORS, interpolate_timesteps, max_interpolated_steps,
                                          validate_timesteps)
