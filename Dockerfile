@@ -48,11 +48,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject
  && pip install -r /tmp/requirements.txt \
  && pip install --no-deps open_clip_torch==3.3.0
 
-# The project itself (generated gRPC code is committed under diffmesh/proto).
+# The project itself (generated gRPC code is committed under diffmesh/proto). The check imports
+# every stage's entry module as declared in the stage table (diffmesh/stages.py), so a stage
+# added there is checked here without editing this file.
 COPY diffmesh /src/diffmesh
 COPY services /src/services
 RUN pip install --no-deps /src \
- && python -c "import services.orchestrator.main, services.denoiser.main, services.text_encoder.main, services.vae.main"
+ && python -c "from diffmesh.stages import STAGES; [spec.main_module() for spec in STAGES]; print('imports:', ', '.join(spec.module for spec in STAGES))"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -79,7 +81,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /home/diffmesh
 USER 10001:10001
 
-# orchestrator, text_encoder, denoiser, vae, metrics
+# Each stage's default gRPC port from diffmesh/stages.py (orchestrator 50051, text_encoder 50061,
+# denoiser 50062, vae 50063) and the metrics port (metrics 9090); tests/deploy checks them
+# against the table. Documentation only: the chart sets each container's ports.
 EXPOSE 50051 50061 50062 50063 9090
 
 ENTRYPOINT ["python", "-m"]

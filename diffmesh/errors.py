@@ -1,10 +1,12 @@
 """Errors that compute code raises and the runtime turns into gRPC status codes.
 
 Compute modules import these instead of grpc, so they stay testable without a server; the
-server's error interceptor (runtime.server) maps each class to its status code.
+server's error interceptor (runtime.server) maps each class to its status code and, for a
+rejected field, to a google.rpc.BadRequest in the status details (diffmesh.error_details).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 _MAX_VALUE_CHARS = 80
@@ -20,10 +22,22 @@ def describe_value(value: Any) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class FieldViolation:
+    """One rejected field: what a caller needs to fix the request. `stage` is set when a stage
+    behind the orchestrator rejected it (the field is then that stage's request field)."""
+
+    field: str
+    value: str    # the rejected value, shortened (describe_value)
+    reason: str
+    stage: str = ""
+
+
 class MeshError(Exception):
     """Base class: `code` is the name of a grpc.StatusCode member."""
 
     code = "INTERNAL"
+    violations: tuple[FieldViolation, ...] = ()
 
 
 class InvalidArgument(MeshError):
@@ -35,7 +49,14 @@ class InvalidArgument(MeshError):
         self.field = field
         self.value = value
         self.reason = reason
+        self.violations = (FieldViolation(field, describe_value(value), reason),)
         super().__init__(f"{field}: {reason} (got {describe_value(value)})")
+
+
+class FailedPrecondition(MeshError):
+    """The mesh cannot serve this kind of request as deployed (a stage it needs is not configured)."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(MeshError):

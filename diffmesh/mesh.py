@@ -104,8 +104,8 @@ class LocalMesh:
             command += ["--torch-threads", str(spec.local_torch_threads)]
         if instance.name in self.metrics_ports:
             command += ["--metrics-port", str(self.metrics_ports[instance.name])]
-        if spec.name == STAGES.frontend().name and not args:
-            command += self.route_args()
+        if spec.name == STAGES.frontend().name:
+            command += self.route_args()  # `args` come after: a flag given there overrides its route
         return command + self.extra_args.get(instance.stage, []) + (
             self.extra_args.get(instance.name, []) if instance.name != instance.stage else []) + list(args)
 
@@ -122,8 +122,9 @@ class LocalMesh:
 
     def spawn(self, name: str, stage: str, *args: str, variant: str = "stable", metrics: bool = True) -> str:
         """One more process beside the mesh (a canary, a replica, a differently routed
-        orchestrator); `args` are its extra flags (an orchestrator given none gets this mesh's
-        routes). Returns its address; wait_ready(name) waits for it; stop() stops it too."""
+        orchestrator); `args` are its extra flags (an orchestrator gets this mesh's routes, which
+        its own flags override). Returns its address; wait_ready(names=[name]) waits for it,
+        stop(names=[name]) stops it."""
         instance = Instance(name, stage, variant)
         if metrics:
             self.metrics_ports.setdefault(name, free_port())
@@ -155,14 +156,17 @@ class LocalMesh:
         path = self.log_dir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
-        """SIGTERM every process (the orchestrator first), wait for the drain; returns exit codes."""
-        for name in reversed(list(self.processes)):
+    def stop(self, timeout: float = 30.0, names: Sequence[str] = ()) -> dict[str, int | None]:
+        """SIGTERM the named processes (default: every one, the orchestrator first), wait for
+        the drain; returns their exit codes and forgets them."""
+        chosen = [name for name in reversed(list(self.processes)) if not names or name in names]
+        for name in chosen:
             proc = self.processes[name]
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         codes: dict[str, int | None] = {}
-        for name, proc in self.processes.items():
+        for name in reversed(chosen):
+            proc = self.processes.pop(name)
             try:
                 codes[name] = proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -25,6 +25,15 @@ def registry(tiny_models: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def entries(registry: Path) -> dict:
+    """Every tiny model's registry entry by id (paths checked, family detected)."""
+    from diffmesh.models.registry import Registry
+
+    loaded = Registry.load(registry)
+    return {model_id: loaded.get(model_id) for model_id in loaded.ids()}
+
+
+@pytest.fixture(scope="session")
 def otlp_receiver():
     """A real OTLP/gRPC trace receiver the session's mesh exports its spans to."""
     receiver = Receiver()

@@ -32,8 +32,13 @@ def _models(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"diffmesh models list: {exc}", file=sys.stderr)
         return 1
+    # Tab-separated: id, kind, (an adapter's base,) path. The path is always the last column so
+    # scripts can cut it whatever the kind; nothing is checked on disk, so an unmounted volume
+    # still lists.
     for model_id in registry.ids():
-        print(f"{model_id}\t{registry.path_of(model_id)}")
+        spec = registry.specs[model_id]
+        columns = [model_id, spec.kind.value, *([spec.base] if spec.base else []), str(spec.path)]
+        print("\t".join(columns))
     return 0
 
 
@@ -51,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     import grpc
     from tqdm import tqdm
 
-    from diffmesh.client import MeshClient, build_request
+    from diffmesh.client import MeshClient, build_request, field_violations
 
     out = Path(args.out)
     fmt = args.format or (out.suffix.lstrip(".").lower() or "png")
@@ -71,23 +76,29 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"diffmesh generate: {exc}", file=sys.stderr)
         return 2
     result = None
-    bar = None
+    bars: dict[str, tqdm] = {}  # one progress bar per phase of the flow ("base", "faces", ...)
     try:
         with MeshClient(args.address) as client:
             for event in client.generate_stream(request, timeout=args.timeout):
                 if event.HasField("progress"):
-                    if bar is None:
-                        bar = tqdm(total=event.progress.total_steps, unit="it", disable=args.json, file=sys.stderr)
-                    bar.update(event.progress.step - bar.n)
+                    progress = event.progress
+                    phase = progress.phase or "base"
+                    if phase not in bars:
+                        bars[phase] = tqdm(total=progress.total_steps, unit="it", desc=phase, disable=args.json,
+                                           file=sys.stderr, position=len(bars))
+                    bars[phase].update(progress.step - bars[phase].n)
                     if args.preview_dir:
-                        _write_previews(Path(args.preview_dir), event.progress)
+                        _write_previews(Path(args.preview_dir), progress)
                 else:
                     result = event.result
     except grpc.RpcError as exc:
         print(f"diffmesh generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        for violation in field_violations(exc):
+            where = f" (stage {violation.stage})" if violation.stage else ""
+            print(f"  {violation.field}: {violation.reason} (got {violation.value}){where}", file=sys.stderr)
         return 1
     finally:
-        if bar is not None:
+        for bar in bars.values():
             bar.close()
     if result is None:
         print("diffmesh generate: the stream ended without a result", file=sys.stderr)
@@ -123,8 +134,9 @@ def _anchors(text: str | None) -> list[int] | None:
 
 def _write_previews(folder: Path, progress) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    prefix = "" if progress.phase in ("", "base") else f"{progress.phase}-"
     for index, preview in enumerate(progress.previews):
-        (folder / f"step-{progress.step:04d}-{index}.jpg").write_bytes(preview.data)
+        (folder / f"{prefix}step-{progress.step:04d}-{index}.jpg").write_bytes(preview.data)
 
 
 def _schedulers(args: argparse.Namespace) -> int:
@@ -199,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", required=True)
     build = models_sub.add_parser("build-tiny", help="write the deterministic tiny model set")
     build.add_argument("--root", default=str(DEFAULT_MODELS_ROOT))
-    listing = models_sub.add_parser("list", help="print each model id with its directory")
+    listing = models_sub.add_parser("list", help="print each model id with its kind, an adapter's base and its path")
     listing.add_argument("--registry", default=str(DEFAULT_MODELS_ROOT / "registry.yaml"))
 
     serve = sub.add_parser("serve", help="run one stage (flags after the stage go to it; --help lists them)",

@@ -8,6 +8,8 @@ from typing import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from diffmesh.error_details import violations_from_metadata
+from diffmesh.errors import FieldViolation
 from diffmesh.proto.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from diffmesh.runtime.channels import channel_options, channel_target
 
@@ -46,6 +48,13 @@ def build_request(prompt: str, *, negative_prompt: str | None = None, model: str
         if value is not None:
             setattr(request, name, value.read_bytes() if isinstance(value, Path) else value)
     return request
+
+
+def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
+    """The rejected fields of a failed call (INVALID_ARGUMENT): field, value, reason, and the
+    stage behind the orchestrator that rejected it, if one did. Empty for other errors."""
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return violations_from_metadata(trailing)
 
 
 def _channel(address: str, credentials: grpc.ChannelCredentials | None, options=None) -> grpc.Channel:

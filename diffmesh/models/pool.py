@@ -4,10 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Generic, Sequence, TypeVar
 
-from diffmesh.models.registry import ModelEntry, Registry
+from diffmesh.models.registry import Kind, ModelEntry, ModelError, Registry, parse_kinds
 from diffmesh.errors import InvalidArgument
 
 M = TypeVar("M")
+
+# What a stage loads when its caller does not say: the only kind that existed before kinds did.
+DEFAULT_KINDS: tuple[str, ...] = (Kind.PIPELINE.value,)
 
 
 class ModelPool(Generic[M]):
@@ -15,11 +18,17 @@ class ModelPool(Generic[M]):
         self._models: dict[str, M] = {}
 
     def load(self, registry_path: str | Path, model_ids: Sequence[str],
-             factory: Callable[[ModelEntry], M]) -> None:
-        """Loads the given ids (every registry entry when empty); raises ModelError naming the
-        path of anything missing or broken, so start-up fails loudly instead of serving fakes."""
+             factory: Callable[[ModelEntry], M], kinds: Sequence[str] = DEFAULT_KINDS) -> None:
+        """Loads the given ids (every registry entry of ``kinds`` when empty); raises ModelError
+        naming the path of anything missing or broken, so start-up fails loudly instead of serving
+        fakes. Entries of other kinds are never checked: they belong to other stages."""
         registry = Registry.load(Path(registry_path))
-        for model_id in model_ids or registry.ids():
+        wanted = list(model_ids) or registry.ids(kinds)
+        # Check every requested id's kind before loading any: a bad --models flag should fail in
+        # milliseconds, not after minutes of loading weights.
+        for model_id in wanted:
+            _require_kind(registry, model_id, kinds)
+        for model_id in wanted:
             self._models[model_id] = factory(registry.get(model_id))
 
     def ids(self) -> list[str]:
@@ -30,3 +39,12 @@ class ModelPool(Generic[M]):
         if model is None:
             raise InvalidArgument(field, model_id, f"unknown model; loaded: {', '.join(self.ids())}")
         return model
+
+
+def _require_kind(registry: Registry, model_id: str, kinds: Sequence[str]) -> None:
+    kind = registry.kind_of(model_id)  # an unknown id raises UnknownModelError listing the known
+    selected = parse_kinds(kinds)
+    if selected is not None and kind not in selected:
+        loads = ", ".join(sorted(k.value for k in selected)) or "nothing"
+        raise ModelError(f"model {model_id!r} is a {kind.value} entry (registry {registry.source}); "
+                         f"this stage does not load {kind.value} (it loads: {loads})")

@@ -1,4 +1,5 @@
-"""Client channels to stages: per-request balancing across replicas, retries, message limits."""
+"""Client channels to stages: per-request balancing across replicas, message limits (no retries:
+see services/orchestrator/clients.py)."""
 from __future__ import annotations
 
 import ipaddress
@@ -33,20 +34,9 @@ def channel_target(address: str) -> str:
 
 def _service_config() -> str:
     # round_robin balances each call across all resolved replicas (pick_first, the default,
-    # pins every call to one). Retries cover UNAVAILABLE only: a replica restarting or draining.
-    return json.dumps({
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [{
-            "name": [{}],
-            "retryPolicy": {
-                "maxAttempts": 3,
-                "initialBackoff": "0.05s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }],
-    })
+    # pins every call to one). No retryPolicy: the orchestrator's stage clients are the one retry
+    # layer (services/orchestrator/clients.py), which also covers streams that already started.
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 def channel_options(max_message_mb: int) -> list[tuple[str, object]]:
@@ -57,13 +47,18 @@ def channel_options(max_message_mb: int) -> list[tuple[str, object]]:
     ]
 
 
-def open_channel(address: str, max_message_mb: int = 256,
-                 credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
-    options = channel_options(max_message_mb) + [
+def stage_channel_options(max_message_mb: int) -> list[tuple[str, object]]:
+    """Options of a channel to a stage: balanced per call, no transport retries of its own."""
+    return channel_options(max_message_mb) + [
         ("grpc.service_config", _service_config()),
-        ("grpc.enable_retries", 1),
+        ("grpc.enable_retries", 0),
         ("grpc.keepalive_time_ms", 30_000),
     ]
+
+
+def open_channel(address: str, max_message_mb: int = 256,
+                 credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    options = stage_channel_options(max_message_mb)
     if credentials is not None:
         return grpc.aio.secure_channel(channel_target(address), credentials, options=options,
                                        interceptors=telemetry.client_interceptors())

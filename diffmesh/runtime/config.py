@@ -158,10 +158,16 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None,
                 known = ", ".join(sorted(fields))
                 raise ConfigError(f"config file {file_path}: unknown setting {key!r} (known: {known})")
             values[name] = (raw, f"file {file_path}")
-    for name in fields:
-        env_name = ENV_PREFIX + name.upper()
-        if env_name in environ:
-            values[name] = (environ[env_name], f"env {env_name}")
+    env_names = {ENV_PREFIX + name.upper(): name for name in fields}
+    for env_name, raw in environ.items():
+        if not env_name.startswith(ENV_PREFIX) or env_name == CONFIG_FILE_ENV:
+            continue
+        if env_name not in env_names:
+            # A typo (DIFFMESH_MAX_QEUE) or a setting meant for another stage would otherwise be
+            # ignored silently: the same rule as an unknown key in the YAML file.
+            known = ", ".join(sorted(env_names))
+            raise ConfigError(f"env {env_name}: unknown setting for this service (known: {known})")
+        values[env_names[env_name]] = (raw, f"env {env_name}")
     for name in fields:
         raw = getattr(args, name)
         if raw is not None:

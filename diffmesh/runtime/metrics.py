@@ -37,6 +37,8 @@ READY = Gauge("diffmesh_ready", "1 once every model is loaded (health SERVING)",
 STAGE_CALLS = Counter("diffmesh_stage_calls", "orchestrator calls to stages, by variant and status code",
                       ["stage", "variant", "code"])
 STAGE_FALLBACKS = Counter("diffmesh_stage_fallbacks", "calls that fell back from canary to stable", ["stage"])
+STAGE_RETRIES = Counter("diffmesh_stage_retries", "stage call attempts retried after UNAVAILABLE (the one retry layer)",
+                        ["stage", "variant"])
 
 
 def exemplar() -> dict[str, str] | None:

@@ -1,9 +1,12 @@
 """Server bootstrap every service runs: grpc.aio, health, reflection, tracing, metrics, errors,
 admission, drain.
 
-A stage implements the `Stage` lifecycle (Triton-style): `initialize` loads models (the health
-service says NOT_SERVING until it returns), `register` adds the stage's servicers, `finalize`
-releases resources after the drain. `run_stage` does the rest, identically for every service.
+A stage implements the `Stage` lifecycle (Triton's: initialize, execute, finalize):
+`initialize` loads models in a worker thread and returns what it loaded; `servicer` builds the
+stage's servicer from that (on the event loop: channels made there belong to it), so a servicer
+is complete when built; `finalize` releases resources after the drain. The port binds before
+`initialize` starts and health says NOT_SERVING until the servicer exists, then SERVING; calls
+that arrive meanwhile get UNAVAILABLE. `run_stage` does the rest, identically for every service.
 """
 from __future__ import annotations
 
@@ -23,7 +26,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
+from google.protobuf import descriptor_pool, message_factory
+
+from diffmesh.error_details import trailing_metadata
 from diffmesh.proto.v1 import common_pb2
+from diffmesh.stages import STAGES
 from diffmesh import errors
 from diffmesh.runtime import metrics, telemetry
 from diffmesh.runtime.channels import channel_options
@@ -42,19 +49,48 @@ _ALWAYS_ON = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection
 
 
 class Stage(Protocol):
-    name: str
+    name: str  # its entry in the stage table (diffmesh.stages): which gRPC service it serves
 
-    def service_names(self) -> Sequence[str]:
-        """Fully-qualified gRPC service names the stage registers (for health and reflection)."""
+    def initialize(self) -> Any:
+        """Loads models; runs in a worker thread before the stage reports SERVING. Returns what
+        the servicer is built from."""
 
-    def initialize(self) -> None:
-        """Loads models; runs in a worker thread before the stage reports SERVING."""
+    def servicer(self, loaded: Any) -> Any:
+        """The stage's servicer (an object with one async method per RPC of its service), built
+        from what initialize returned."""
 
-    def register(self, server: grpc.aio.Server) -> None:
-        """Adds the stage's servicers to the server."""
-
-    def finalize(self) -> None:
+    async def finalize(self) -> None:
         """Releases resources after in-flight calls have drained."""
+
+
+class _DeferredService:
+    """A service's method handlers, registered before the server starts, that call the servicer
+    once it exists (grpc cannot add services to a started server, and the port must bind before
+    models load so probes see NOT_SERVING rather than a refused connection). Built from the
+    service's proto descriptor, so no stage registers anything by hand."""
+
+    def __init__(self, full_name: str) -> None:
+        self.descriptor = descriptor_pool.Default().FindServiceByName(full_name)
+        self.target: Any = None
+
+    def _method(self, method: Any) -> grpc.RpcMethodHandler:
+        name = method.name
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        codecs = dict(request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+        if method.server_streaming:
+            async def stream(message: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for item in getattr(self.target, name)(message, context):
+                    yield item
+            return grpc.unary_stream_rpc_method_handler(stream, **codecs)
+
+        async def unary(message: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await getattr(self.target, name)(message, context)
+        return grpc.unary_unary_rpc_method_handler(unary, **codecs)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods = {method.name: self._method(method) for method in self.descriptor.methods}
+        return grpc.method_handlers_generic_handler(self.descriptor.full_name, methods)
 
 
 @dataclass
@@ -182,7 +218,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = getattr(grpc.StatusCode, exc.code)
             level = logging.WARNING if code == grpc.StatusCode.INVALID_ARGUMENT else logging.ERROR
             log_event(log, "request failed", level, method=method, code=exc.code, error=str(exc))
-            await context.abort(code, str(exc))
+            await context.abort(code, str(exc), trailing_metadata(exc.code, str(exc), exc.violations))
         log.exception("unexpected error in %s", method, extra={"fields": {"method": method, "code": "INTERNAL"}})
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
 
@@ -250,8 +286,9 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     server = grpc.aio.server(interceptors=[telemetry.server_interceptor(), interceptor], options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    stage.register(server)
-    names = list(stage.service_names())
+    service = _DeferredService(STAGES[stage.name].service)
+    server.add_generic_rpc_handlers((service.handler(),))
+    names = [service.descriptor.full_name]
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server)
@@ -287,7 +324,8 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
             loop.add_signal_handler(sig, stop.set)
 
     try:
-        await asyncio.to_thread(stage.initialize)
+        loaded = await asyncio.to_thread(stage.initialize)
+        service.target = stage.servicer(loaded)
     except Exception as exc:  # start-up errors (a missing model) end the process clearly
         log_event(log, "start-up failed", logging.ERROR, stage=stage.name, error=str(exc))
         print(f"diffmesh {stage.name}: start-up failed: {exc}", file=sys.stderr)
@@ -308,14 +346,16 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     await server.stop(config.grace_period_s)
     if health_server is not None:
         await health_server.stop(0)
-    stage.finalize()
+    await stage.finalize()
     log_event(log, "stopped", stage=stage.name)
     return 0
 
 
 def run_stage(make_stage: Callable[[C], Stage], config_cls: type[C], argv: Sequence[str],
-              prog: str) -> int:
-    """Entry point shared by every service: config, logging, tracing, threads, then serve."""
+              prog: str | None = None) -> int:
+    """Entry point shared by every service: config, logging, tracing, threads, then serve.
+    make_stage is the stage class; its `name` picks its stage table entry (and program name)."""
+    prog = prog or STAGES[make_stage.name].program
     try:
         config = load_config(config_cls, argv, prog=prog)
     except ConfigError as exc:

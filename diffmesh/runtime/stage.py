@@ -1,9 +1,10 @@
-"""The shape shared by the model-serving stages: a pool of models loaded at start-up on the
-configured device, an admission gate in front of the compute pool, one gRPC service."""
+"""The shape shared by the model-serving stages: a pool of models of the kinds the stage table
+says the stage loads, loaded at start-up on the configured device; an admission gate in front of
+the compute pool; one gRPC service whose servicer is built from the loaded pool."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Generic, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -14,40 +15,37 @@ from diffmesh.runtime.device import select_device, select_dtype
 from diffmesh.runtime import metrics
 from diffmesh.runtime.logs import log_event
 from diffmesh.runtime.server import Admission
+from diffmesh.stages import STAGES
 
 M = TypeVar("M")
 log = logging.getLogger("diffmesh.stage")
 
 
 class ModelStage(Generic[M]):
-    name = "stage"
-    service_full_names: Sequence[str] = ()
+    name = "stage"  # the stage table's name
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.models: ModelPool[M] = ModelPool()
         self.admission = Admission(self.name, config.max_concurrency, config.max_queue)
         self.admission.variant = config.variant
-
-    def service_names(self) -> Sequence[str]:
-        return self.service_full_names
 
     def load_model(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> M:
         raise NotImplementedError
 
-    def initialize(self) -> None:
+    def initialize(self) -> ModelPool[M]:
         device = select_device(self.config.device)
         dtype = select_dtype(self.config.dtype, device)
         self.admission.device = str(device)
-        self.models.load(self.config.registry, self.config.models,
-                         lambda entry: self.load_model(entry, device, dtype))
-        for model_id in self.models.ids():
+        models: ModelPool[M] = ModelPool()
+        models.load(self.config.registry, self.config.models, lambda entry: self.load_model(entry, device, dtype),
+                    kinds=STAGES[self.name].loads)
+        for model_id in models.ids():
             metrics.MODEL_LOADED.labels(self.name, model_id).set(1)
-        log_event(log, "models loaded", stage=self.name, models=self.models.ids(),
-                  device=str(device), dtype=str(dtype))
+        log_event(log, "models loaded", stage=self.name, models=models.ids(), device=str(device), dtype=str(dtype))
+        return models
 
-    def register(self, server: Any) -> None:
+    def servicer(self, models: ModelPool[M]) -> Any:
         raise NotImplementedError
 
-    def finalize(self) -> None:
+    async def finalize(self) -> None:
         self.admission.executor.shutdown(wait=False, cancel_futures=True)

@@ -5,14 +5,14 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-import grpc
 import torch
 
+from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import ModelEntry
-from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc
 from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
+from diffmesh.stages import STAGES
 from services.denoiser.sampler import UNetDenoiser
 from services.denoiser.servicer import DenoiserServicer
 
@@ -21,7 +21,7 @@ from services.denoiser.servicer import DenoiserServicer
 class DenoiserConfig(ServerConfig):
     """diffmesh denoiser: the UNet sampling loop."""
 
-    port: int = setting(50062, "gRPC port", min=0, max=65535)
+    port: int = setting(STAGES["denoiser"].default_port, "gRPC port", min=0, max=65535)
     max_steps: int = setting(1000, "most inference steps one request may ask for", min=1)
     max_batch: int = setting(16, "most images one call may denoise together", min=1)
     scheduler_override: str = setting("", "serve every request with this scheduler (to canary a scheduler "
@@ -36,21 +36,17 @@ class DenoiserConfig(ServerConfig):
 
 class DenoiserStage(ModelStage[UNetDenoiser]):
     name = "denoiser"
-    service_full_names = (denoiser_pb2.DESCRIPTOR.services_by_name["Denoiser"].full_name,)
 
     def load_model(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> UNetDenoiser:
         return UNetDenoiser(entry, device, dtype)
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def servicer(self, models: ModelPool[UNetDenoiser]) -> DenoiserServicer:
         config: DenoiserConfig = self.config  # type: ignore[assignment]
-        denoiser_pb2_grpc.add_DenoiserServicer_to_server(
-            DenoiserServicer(self.models, self.admission, config.max_steps, config.max_batch,
-                             config.scheduler_override), server)
+        return DenoiserServicer(models, self.admission, config.max_steps, config.max_batch, config.scheduler_override)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(DenoiserStage, DenoiserConfig, sys.argv[1:] if argv is None else argv,
-                     "diffmesh-denoiser")
+    return run_stage(DenoiserStage, DenoiserConfig, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,28 @@
 Mirrors diffusers' StableDiffusion(XL)(Img2Img)Pipeline step for step (latent preparation, CFG
 batch order, SDXL added conditions, scheduler calls, generator use, custom timesteps as
 retrieve_timesteps passes them, guidance_rescale as rescale_noise_cfg), so that the same weights,
-scheduler and seeds give the same latents. On top of that: progressive masks from a change map
-(differential diffusion, masks.py) and live previews (previews.py), neither of which touches the
-latents when unused.
+scheduler and seeds give the same latents, per image. On top of that: progressive masks from a
+change map (differential diffusion, masks.py) and live previews (previews.py), neither of which
+touches the latents when unused.
+
+Batch-first: `UNetDenoiser.denoise` takes a list of jobs. Jobs whose rows can share a UNet call
+(same latent size, same text sequence length, all guided or all unguided: `share_key`) run in one
+UNet call per step, each with its own scheduler instance (diffusers' schedulers hold a step index
+and are not thread-safe) and a per-row timestep (UNet2DConditionModel takes a [B] tensor), so jobs
+with different schedulers, step counts, strengths, prompts or masks can share the model; a job
+whose schedule is shorter leaves the batch when it ends. Jobs that cannot share run as separate
+groups, one after another.
+
+Validation happens once: `check_job` returns a PreparedJob (the job with its scheduler built and
+its timesteps set), which `denoise` runs without building anything again.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,21 +32,33 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffmesh.errors import Cancelled, InvalidArgument
+from diffmesh.models.latent_space import read_vae_scale_factor
 from diffmesh.models.registry import ModelEntry, ModelFamily
 from diffmesh.models.schedulers import SchedulerSpec, build_scheduler
-from diffmesh.errors import Cancelled, InvalidArgument
+from diffmesh.models.timesteps import validate_timesteps
+from diffmesh.runtime.batching import group_indices
 from services.denoiser.masks import ProgressiveMask, check_change_map, latent_change_map
 from services.denoiser.previews import latents_to_rgb, predicted_x0
-from diffmesh.models.timesteps import validate_timesteps
 
-ProgressFn = Callable[[int, int, float], None]
-# (step, total, images): step as on_step's (1-based), images [n, h, w, 3] uint8 at latent size.
-PreviewFn = Callable[[int, int, np.ndarray], None]
+# (job_index, step, total, timestep): job_index is the job's position in the list given to
+# `denoise`; step is 1-based; total is the UNet calls that job runs.
+ProgressFn = Callable[[int, int, int, float], None]
+# (job_index, step, total, images): step as on_step's, images [n, h, w, 3] uint8 at latent size.
+PreviewFn = Callable[[int, int, int, np.ndarray], None]
 
 
 @dataclass
 class Conditioning:
-    """Text conditioning for one prompt: [1, seq, D] (+ pooled [1, P] for SDXL)."""
+    """Text conditioning of one job of n images.
+
+    prompt_embeds / negative_prompt_embeds: [n, seq, D] (row i conditions image i: images of one
+    job may have different prompts or identities) or [1, seq, D] (one row for every image); the
+    negative needs the prompt's seq length, its first dimension is chosen on its own (a shared
+    negative with per-image prompts is fine). SDXL's pooled_prompt_embeds /
+    negative_pooled_prompt_embeds: [n, P] or [1, P] likewise. The negatives are needed only with
+    classifier-free guidance (guidance_scale > 1).
+    """
 
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
@@ -84,17 +108,25 @@ class DenoiseJob:
         return self.guidance_scale > 1.0
 
 
-def generators_from_seeds(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+@dataclass(frozen=True)
+class JobLimits:
+    """The serving limits a job must stay within (the server's configuration); None: no limit."""
+
+    max_steps: int | None = None  # steps, or custom timesteps, of the full schedule
+    max_batch: int | None = None  # images in one job
 
 
-def generators_from_states(states: torch.Tensor) -> list[torch.Generator]:
-    generators = []
-    for row in states:
-        generator = torch.Generator("cpu")
-        generator.set_state(row.contiguous().clone())
-        generators.append(generator)
-    return generators
+@dataclass(eq=False)
+class PreparedJob:
+    """A job `check_job` accepted, with its own fresh scheduler (timesteps set) and the timesteps
+    it runs. Schedulers keep a step index, so a prepared job runs once, on the model that
+    prepared it."""
+
+    job: DenoiseJob
+    scheduler: Any
+    timesteps: torch.Tensor
+    owner: UNetDenoiser = field(repr=False)
+    used: bool = False
 
 
 def img2img_steps(steps: int, strength: float) -> int:
@@ -110,9 +142,52 @@ def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, factor: float) ->
     return factor * (guided * ratio) + (1 - factor) * guided
 
 
+def share_key(job: DenoiseJob, vae_scale_factor: int) -> tuple[int, int, int, bool]:
+    """Jobs with equal keys can share one UNet call per step: their rows stack into one batch
+    (latent height and width, text sequence length, and guided or not, which decides whether a
+    job contributes negative rows). The model is the same by construction: one UNetDenoiser."""
+    return (job.height // vae_scale_factor, job.width // vae_scale_factor,
+            int(job.conditioning.prompt_embeds.shape[1]), job.guided)
+
+
+@dataclass
+class _Run:
+    """One job's state inside a batched loop. Its UNet rows are contiguous in the batch:
+    [negatives (n)..., positives (n)...] when guided (diffusers' order), else [positives (n)...]."""
+
+    index: int  # position in the list given to `denoise`: what the callbacks report
+    prepared: PreparedJob
+    latents: torch.Tensor
+    mask: ProgressiveMask | None
+    embeds: torch.Tensor  # encoder_hidden_states rows
+    added: dict[str, torch.Tensor] | None  # SDXL added_cond_kwargs rows
+    step_kwargs: dict[str, Any]
+    position: int = 0  # UNet calls done
+
+    @property
+    def job(self) -> DenoiseJob:
+        return self.prepared.job
+
+    @property
+    def total(self) -> int:
+        return len(self.prepared.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.position >= self.total
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.prepared.timesteps[self.position]
+
+
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
 class UNetDenoiser:
     """One loaded UNet and its scheduler config; `denoise` is safe to call from several threads
-    (each call builds its own scheduler; the UNet is used read-only under inference_mode)."""
+    (every job has its own scheduler; the UNet is used read-only under inference_mode)."""
 
     def __init__(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> None:
         self.entry = entry
@@ -122,7 +197,7 @@ class UNetDenoiser:
             entry.component_dir("unet"), local_files_only=True, torch_dtype=dtype).to(device).eval()
         scheduler_dir = entry.component_dir("scheduler")
         self.scheduler_config: dict[str, Any] = json.loads((scheduler_dir / "scheduler_config.json").read_text())
-        self.vae_scale_factor = self._vae_scale_factor(entry)
+        self.vae_scale_factor = read_vae_scale_factor(entry)
         self.is_sdxl = entry.family == ModelFamily.SDXL
         config = self.unet.config
         self.latent_channels = int(config.in_channels)
@@ -130,43 +205,21 @@ class UNetDenoiser:
         self.pooled_dim = (int(config.projection_class_embeddings_input_dim)
                            - 6 * int(config.addition_time_embed_dim)) if self.is_sdxl else None
 
-    @staticmethod
-    def _vae_scale_factor(entry: ModelEntry) -> int:
-        vae_config = json.loads((entry.component_dir("vae") / "config.json").read_text())
-        return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-    # --- validation of what arrived over the wire, against this model -----------------------
-    def check_job(self, job: DenoiseJob) -> None:
-        cond = job.conditioning
-        if cond.prompt_embeds.ndim != 3 or cond.prompt_embeds.shape[0] != 1 \
-                or cond.prompt_embeds.shape[2] != self.cross_attention_dim:
-            raise InvalidArgument("prompt_embeds.shape", list(cond.prompt_embeds.shape),
-                                  f"expected [1, seq, {self.cross_attention_dim}] for {self.entry.id}")
-        if job.guided:
-            neg = cond.negative_prompt_embeds
-            if neg is None:
-                raise InvalidArgument("negative_prompt_embeds", None, "required when guidance_scale > 1")
-            if tuple(neg.shape) != tuple(cond.prompt_embeds.shape):
-                raise InvalidArgument("negative_prompt_embeds.shape", list(neg.shape),
-                                      f"must equal prompt_embeds.shape {list(cond.prompt_embeds.shape)}")
-        if self.is_sdxl:
-            pooled_fields = [("pooled_prompt_embeds", cond.pooled_prompt_embeds)]
-            if job.guided:
-                pooled_fields.append(("negative_pooled_prompt_embeds", cond.negative_pooled_prompt_embeds))
-            for name, pooled in pooled_fields:
-                if pooled is None or tuple(pooled.shape) != (1, self.pooled_dim):
-                    raise InvalidArgument(f"{name}.shape", None if pooled is None else list(pooled.shape),
-                                          f"SDXL needs [1, {self.pooled_dim}]")
+    # --- validation, against this model and the serving limits: once per job ----------------
+    def check_job(self, job: DenoiseJob, limits: JobLimits = JobLimits()) -> PreparedJob:
+        """InvalidArgument naming the field and value for anything this model cannot run; else
+        the job prepared to run (its scheduler built: the only build for this job)."""
+        if limits.max_batch is not None and not 1 <= job.count <= limits.max_batch:
+            raise InvalidArgument("seeds", job.count, f"need 1 to {limits.max_batch} images (one seed each)")
+        if job.count < 1:
+            raise InvalidArgument("seeds", job.count, "need at least one image (one seed each)")
+        if not math.isfinite(job.guidance_scale) or job.guidance_scale < 0:
+            raise InvalidArgument("guidance_scale", job.guidance_scale, "must be finite and >= 0")
+        self._check_conditioning(job)
         for name, size in (("width", job.width), ("height", job.height)):
             if size <= 0 or size % self.vae_scale_factor:
                 raise InvalidArgument(name, size, f"must be a positive multiple of {self.vae_scale_factor}")
-        if job.timesteps is None:
-            if job.steps < 1:
-                raise InvalidArgument("steps", job.steps, "must be >= 1")
-        else:
-            validate_timesteps(job.timesteps, int(self.scheduler_config.get("num_train_timesteps", 1000)))
-            if job.steps not in (0, len(job.timesteps)):
-                raise InvalidArgument("steps", job.steps, f"must be 0 or len(timesteps) = {len(job.timesteps)}")
+        self._check_steps(job, limits)
         if job.init_latents is not None:
             expected = (job.count, self.latent_channels, job.height // self.vae_scale_factor,
                         job.width // self.vae_scale_factor)
@@ -184,44 +237,142 @@ class UNetDenoiser:
             if job.init_latents is None:
                 raise InvalidArgument("change_map", list(job.change_map.shape), "needs init_latents (img2img)")
             check_change_map(job.change_map, job.count, job.height, job.width)
-        self._schedule(job)  # scheduler options and the schedule itself: rejected here, before any work
+        # Scheduler options and the schedule itself are checked by building it: rejected here,
+        # before any work, and kept for the run.
+        scheduler, timesteps = self._schedule(job)
+        return PreparedJob(job, scheduler, timesteps, owner=self)
+
+    def _check_conditioning(self, job: DenoiseJob) -> None:
+        cond, n, dim = job.conditioning, job.count, self.cross_attention_dim
+        prompt = cond.prompt_embeds
+        if prompt.ndim != 3 or prompt.shape[0] not in (1, n) or prompt.shape[1] < 1 or prompt.shape[2] != dim:
+            raise InvalidArgument("prompt_embeds.shape", list(prompt.shape),
+                                  f"expected [1 or {n}, seq, {dim}] for {self.entry.id} (n: one row per image)")
+        if job.guided:
+            neg = cond.negative_prompt_embeds
+            if neg is None:
+                raise InvalidArgument("negative_prompt_embeds", None, "required when guidance_scale > 1")
+            if neg.ndim != 3 or neg.shape[0] not in (1, n) or neg.shape[1] != prompt.shape[1] or neg.shape[2] != dim:
+                raise InvalidArgument("negative_prompt_embeds.shape", list(neg.shape),
+                                      f"expected [1 or {n}, {prompt.shape[1]}, {dim}] "
+                                      f"(the seq length of prompt_embeds {list(prompt.shape)})")
+        if self.is_sdxl:
+            pooled_fields = [("pooled_prompt_embeds", cond.pooled_prompt_embeds)]
+            if job.guided:
+                pooled_fields.append(("negative_pooled_prompt_embeds", cond.negative_pooled_prompt_embeds))
+            for name, pooled in pooled_fields:
+                if pooled is None or pooled.ndim != 2 or pooled.shape[0] not in (1, n) \
+                        or pooled.shape[1] != self.pooled_dim:
+                    raise InvalidArgument(f"{name}.shape", None if pooled is None else list(pooled.shape),
+                                          f"SDXL needs [1 or {n}, {self.pooled_dim}]")
+
+    def _check_steps(self, job: DenoiseJob, limits: JobLimits) -> None:
+        max_steps = limits.max_steps
+        if job.timesteps is None:
+            if job.steps < 1 or (max_steps is not None and job.steps > max_steps):
+                bound = f"in [1, {max_steps}]" if max_steps is not None else ">= 1"
+                raise InvalidArgument("steps", job.steps, f"must be {bound}")
+            return
+        # The count first: a huge list is rejected before each entry is looked at.
+        if max_steps is not None and len(job.timesteps) > max_steps:
+            raise InvalidArgument("timesteps", f"{len(job.timesteps)} timesteps", f"at most {max_steps}")
+        validate_timesteps(job.timesteps, int(self.scheduler_config.get("num_train_timesteps", 1000)))
+        if job.steps not in (0, len(job.timesteps)):
+            raise InvalidArgument("steps", job.steps, f"must be 0 or len(timesteps) = {len(job.timesteps)}")
 
     # --- the loop ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def denoise(self, job: DenoiseJob, on_step: ProgressFn | None = None,
-                cancel: threading.Event | None = None, on_preview: PreviewFn | None = None) -> torch.Tensor:
-        self.check_job(job)
-        scheduler, timesteps = self._schedule(job)
-        latents, noise = self._initial_latents(job, scheduler, timesteps)
+    def denoise(self, jobs: Sequence[DenoiseJob | PreparedJob], on_step: ProgressFn | None = None,
+                cancel: threading.Event | None = None, on_preview: PreviewFn | None = None) -> list[torch.Tensor]:
+        """Runs every job to the end; returns each job's latents [n, C, h, w] in the order given.
+
+        A DenoiseJob is validated here; a PreparedJob (from check_job) runs as it is. Every job
+        is checked before any runs. Jobs that can share UNet calls (share_key) run as one batch;
+        the others as further batches, one after another. `cancel` stops the whole call at the
+        next UNet call (Cancelled)."""
+        prepared = [self._prepared(item) for item in jobs]
+        if len({id(item) for item in prepared}) != len(prepared):
+            raise ValueError("the same PreparedJob twice in one call: each job has one scheduler")
+        for item in prepared:
+            item.used = True
+        results: list[torch.Tensor | None] = [None] * len(prepared)
+        keys = [share_key(item.job, self.vae_scale_factor) for item in prepared]
+        for group in group_indices(keys):
+            runs = [self._start(index, prepared[index]) for index in group]
+            self._run_batch(runs, on_step, cancel, on_preview)
+            for run in runs:
+                results[run.index] = run.latents
+        return results  # type: ignore[return-value]  # every index belongs to one group
+
+    def _prepared(self, item: DenoiseJob | PreparedJob) -> PreparedJob:
+        if isinstance(item, DenoiseJob):
+            return self.check_job(item)
+        if item.owner is not self:
+            raise ValueError("a PreparedJob runs on the UNetDenoiser whose check_job prepared it")
+        if item.used:
+            raise ValueError("a PreparedJob runs once: its scheduler has already stepped")
+        return item
+
+    def _start(self, index: int, prepared: PreparedJob) -> _Run:
+        """A job's initial latents, progressive mask, conditioning rows and step arguments."""
+        job, scheduler = prepared.job, prepared.scheduler
+        latents, noise = self._initial_latents(job, scheduler, prepared.timesteps)
         mask = None
         if job.change_map is not None:
             latent_map = latent_change_map(job.change_map, latents.shape[-2], latents.shape[-1])
             original = job.init_latents.to(device=self.device, dtype=self.dtype)
             mask = ProgressiveMask(latent_map.to(self.device), original, noise, job.run_steps)
-        embeds, added = self._conditioning(job, job.count)
-        extra = self._step_kwargs(scheduler, job.generators)
-        total = len(timesteps)
-        for index, t in enumerate(timesteps):
+        embeds, added = self._conditioning(job)
+        return _Run(index, prepared, latents, mask, embeds, added, self._step_kwargs(scheduler, job.generators))
+
+    def _run_batch(self, runs: list[_Run], on_step: ProgressFn | None, cancel: threading.Event | None,
+                   on_preview: PreviewFn | None) -> None:
+        """One UNet call per step for all runs still going; a run leaves when its schedule ends."""
+        active = [run for run in runs if not run.done]
+        embeds, added = self._stack_conditioning(active)
+        while active:
             if cancel is not None and cancel.is_set():
-                raise Cancelled(f"cancelled by the caller after {index} of {total} steps")
-            model_input = torch.cat([latents] * 2) if job.guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = self._guide(job, self.unet(model_input, t, encoder_hidden_states=embeds,
-                                                    added_cond_kwargs=added, return_dict=False)[0])
-            output = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)
-            latents = output[0]
-            if mask is not None:
-                latents = mask.apply(scheduler, latents, timesteps[index + 1] if index + 1 < total else None)
-            if on_step is not None:
-                on_step(index + 1, total, float(t))
-            if on_preview is not None and job.preview_every > 0 and (index + 1) % job.preview_every == 0:
-                x0 = predicted_x0(scheduler, output, model_input[-job.count:], noise_pred, t)
-                if mask is not None:
-                    x0 = mask.composite(x0)
-                on_preview(index + 1, total, latents_to_rgb(x0, self.entry.family))
-        if mask is not None and mask.completed != mask.steps:
-            raise RuntimeError(f"progressive mask ran {mask.completed} of {mask.steps} steps")
-        return latents
+                raise Cancelled(_cancel_message(active))
+            inputs = [self._model_input(run) for run in active]
+            rows = [x.shape[0] for x in inputs]
+            # Per-row timesteps: each job is at its own point of its own schedule. float32 holds
+            # every integer timestep exactly, and the UNet's sinusoidal embedding is float32 anyway.
+            timesteps = torch.cat([run.timestep.reshape(1).to(device=self.device, dtype=torch.float32).expand(count)
+                                   for run, count in zip(active, rows)])
+            noise_pred = self.unet(_cat(inputs), timesteps, encoder_hidden_states=embeds,
+                                   added_cond_kwargs=added, return_dict=False)[0]
+            for run, model_input, prediction in zip(active, inputs, noise_pred.split(rows)):
+                self._advance(run, model_input, prediction, on_step, on_preview)
+            still = [run for run in active if not run.done]
+            if len(still) != len(active):
+                active = still
+                embeds, added = self._stack_conditioning(active)
+
+    def _model_input(self, run: _Run) -> torch.Tensor:
+        model_input = torch.cat([run.latents] * 2) if run.job.guided else run.latents
+        return run.prepared.scheduler.scale_model_input(model_input, run.timestep)
+
+    def _advance(self, run: _Run, model_input: torch.Tensor, prediction: torch.Tensor,
+                 on_step: ProgressFn | None, on_preview: PreviewFn | None) -> None:
+        """Guidance, the scheduler step, the progressive mask and the callbacks for one job."""
+        job, scheduler, t = run.job, run.prepared.scheduler, run.timestep
+        noise_pred = self._guide(job, prediction)
+        output = scheduler.step(noise_pred, t, run.latents, **run.step_kwargs, return_dict=False)
+        run.latents = output[0]
+        run.position += 1
+        step, total = run.position, run.total
+        if run.mask is not None:
+            following = run.prepared.timesteps[step] if step < total else None
+            run.latents = run.mask.apply(scheduler, run.latents, following)
+        if on_step is not None:
+            on_step(run.index, step, total, float(t))
+        if on_preview is not None and job.preview_every > 0 and step % job.preview_every == 0:
+            x0 = predicted_x0(scheduler, output, model_input[-job.count:], noise_pred, t)
+            if run.mask is not None:
+                x0 = run.mask.composite(x0)
+            on_preview(run.index, step, total, latents_to_rgb(x0, self.entry.family))
+        if run.done and run.mask is not None and run.mask.completed != run.mask.steps:
+            raise RuntimeError(f"progressive mask ran {run.mask.completed} of {run.mask.steps} steps")
 
     def _schedule(self, job: DenoiseJob) -> tuple[Any, torch.Tensor]:
         """A fresh scheduler with its timesteps set (custom ones as retrieve_timesteps passes them),
@@ -235,8 +386,9 @@ class UNetDenoiser:
             else:
                 scheduler.set_timesteps(job.steps, device=self.device)
         except ValueError as exc:  # the scheduler's own limits (LCM: at most 50 steps, ...)
-            field, value = ("timesteps", job.timesteps) if custom else ("steps", job.steps)
-            raise InvalidArgument(field, value, f"not accepted by scheduler {job.scheduler.name}: {exc}") from None
+            field_name, value = ("timesteps", job.timesteps) if custom else ("steps", job.steps)
+            raise InvalidArgument(field_name, value,
+                                  f"not accepted by scheduler {job.scheduler.name}: {exc}") from None
         timesteps = scheduler.timesteps
         begin = 0
         if job.init_latents is not None:
@@ -262,7 +414,7 @@ class UNetDenoiser:
 
     @staticmethod
     def _guide(job: DenoiseJob, noise_pred: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance over the [negatives..., positives...] batch (only when
+        """Classifier-free guidance over one job's [negatives..., positives...] rows (only when
         guidance_scale > 1: otherwise the UNet ran on the positives alone), then guidance_rescale."""
         if not job.guided:
             return noise_pred
@@ -272,11 +424,15 @@ class UNetDenoiser:
             guided = rescale_guidance(guided, text, job.guidance_rescale)
         return guided
 
-    def _conditioning(self, job: DenoiseJob, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        cond = job.conditioning
+    def _conditioning(self, job: DenoiseJob) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """One job's conditioning rows in its UNet row order ([negatives, positives] when guided),
+        a [1, ...] tensor repeated for every image as diffusers' num_images_per_prompt does."""
+        cond, n = job.conditioning, job.count
 
         def per_image(x: torch.Tensor) -> torch.Tensor:
-            return x.to(device=self.device, dtype=self.dtype).repeat(n, *([1] * (x.ndim - 1)))
+            x = x.to(device=self.device, dtype=self.dtype)
+            # repeat, not expand: the same contiguous rows diffusers gives the UNet.
+            return x.repeat(n, *([1] * (x.ndim - 1))) if x.shape[0] == 1 else x
 
         embeds = per_image(cond.prompt_embeds)
         if job.guided:
@@ -288,15 +444,22 @@ class UNetDenoiser:
         text_embeds = per_image(cond.pooled_prompt_embeds)
         if job.guided:
             text_embeds = torch.cat([per_image(cond.negative_pooled_prompt_embeds), text_embeds])
-            time_ids = torch.cat([time_ids, time_ids])
-        time_ids = time_ids.to(self.device).repeat(n, 1)
+        time_ids = time_ids.to(self.device).repeat(text_embeds.shape[0], 1)
         return embeds, {"text_embeds": text_embeds, "time_ids": time_ids}
+
+    @staticmethod
+    def _stack_conditioning(runs: Sequence[_Run]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """The batch's conditioning: each run's rows in run order (rebuilt only when a run leaves)."""
+        if not runs:
+            return None, None
+        embeds = _cat([run.embeds for run in runs])
+        if runs[0].added is None:
+            return embeds, None
+        return embeds, {name: _cat([run.added[name] for run in runs]) for name in runs[0].added}
 
     @staticmethod
     def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
         # As diffusers' prepare_extra_step_kwargs: eta (0) and the generators, where step takes them.
-        import inspect
-
         params = inspect.signature(scheduler.step).parameters
         kwargs: dict[str, Any] = {}
         if "eta" in params:
@@ -304,3 +467,10 @@ class UNetDenoiser:
         if "generator" in params:
             kwargs["generator"] = generators
         return kwargs
+
+
+def _cancel_message(active: Sequence[_Run]) -> str:
+    if len(active) == 1:
+        return f"cancelled by the caller after {active[0].position} of {active[0].total} steps"
+    done = ", ".join(f"job {run.index}: {run.position} of {run.total} steps" for run in active)
+    return f"cancelled by the caller ({done})"

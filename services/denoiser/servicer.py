@@ -1,9 +1,14 @@
-"""Denoiser gRPC servicer: messages -> DenoiseJob, progress events <- the loop. Nothing more."""
+"""Denoiser gRPC servicer: messages -> DenoiseJob, progress events <- the loop. Nothing more.
+
+One call is one job. What only the wire can get wrong (tensor dtypes, ranks and byte lengths,
+generator state bytes, scheduler names, a missing prompt_embeds) is checked here; everything a
+job can get wrong against the model or the serving limits is checked once, by the compute's
+check_job.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from typing import AsyncIterator
@@ -12,6 +17,7 @@ import grpc
 import torch
 
 from diffmesh.imaging import encode_image
+from diffmesh.models.latent_space import generators_from_states, seeded_generators
 from diffmesh.models.schedulers import lookup_scheduler, require_scheduler
 from diffmesh.proto.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
 from diffmesh.runtime import codec, metrics, telemetry
@@ -20,8 +26,7 @@ from diffmesh.runtime.logs import elapsed_ms, log_event
 from diffmesh.runtime.server import Admission
 from diffmesh.runtime.telemetry import annotate
 from services.denoiser.masks import change_map_from_grey, change_map_from_mask
-from services.denoiser.sampler import (Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds,
-                                       generators_from_states)
+from services.denoiser.sampler import Conditioning, DenoiseJob, JobLimits, UNetDenoiser
 
 _FLOATS = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16)
 _DONE = object()
@@ -40,30 +45,21 @@ def _optional_tensor(request: denoiser_pb2.DenoiseRequest, name: str) -> torch.T
     return codec.to_torch(getattr(request, name), name, dtypes=_FLOATS)
 
 
-def job_from_request(request: denoiser_pb2.DenoiseRequest, max_steps: int, max_batch: int) -> DenoiseJob:
+def _generators(request: denoiser_pb2.DenoiseRequest) -> list[torch.Generator]:
+    if not request.HasField("generator_states"):
+        return seeded_generators(request.seeds)
+    states = codec.to_torch(request.generator_states, "generator_states", dtypes=(tensor_pb2.UINT8,), rank=2)
+    try:
+        return generators_from_states(states)
+    except RuntimeError as exc:
+        raise InvalidArgument("generator_states", list(states.shape), f"not a CPU generator state: {exc}")
+
+
+def job_from_request(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
+    """The request as a job; only wire-format checks here (UNetDenoiser.check_job does the rest)."""
     spec = require_scheduler(request.scheduler)
-    timesteps = list(request.timesteps) or None
-    if timesteps is not None and len(timesteps) > max_steps:
-        raise InvalidArgument("timesteps", f"{len(timesteps)} timesteps", f"at most {max_steps}")
-    if timesteps is None and not 1 <= request.steps <= max_steps:
-        raise InvalidArgument("steps", request.steps, f"must be in [1, {max_steps}]")
-    if not math.isfinite(request.guidance_rescale) or not 0 <= request.guidance_rescale <= 1:
-        raise InvalidArgument("guidance_rescale", request.guidance_rescale, "must be in [0, 1]")
-    if not math.isfinite(request.guidance_scale) or request.guidance_scale < 0:
-        raise InvalidArgument("guidance_scale", request.guidance_scale, "must be finite and >= 0")
     if not request.HasField("prompt_embeds"):
         raise InvalidArgument("prompt_embeds", None, "required")
-    if request.HasField("generator_states"):
-        states = codec.to_torch(request.generator_states, "generator_states",
-                                dtypes=(tensor_pb2.UINT8,), rank=2)
-        try:
-            generators = generators_from_states(states)
-        except RuntimeError as exc:
-            raise InvalidArgument("generator_states", list(states.shape), f"not a CPU generator state: {exc}")
-    else:
-        generators = generators_from_seeds(request.seeds)
-    if not 1 <= len(generators) <= max_batch:
-        raise InvalidArgument("seeds", len(generators), f"need 1 to {max_batch} images (one seed each)")
     init_latents = _optional_tensor(request, "init_latents")
     change_map = None
     if request.HasField("change_map"):
@@ -79,10 +75,10 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest, max_steps: int, max_b
             pooled_prompt_embeds=_optional_tensor(request, "pooled_prompt_embeds"),
             negative_pooled_prompt_embeds=_optional_tensor(request, "negative_pooled_prompt_embeds"),
         ),
-        generators=generators,
+        generators=_generators(request),
         init_latents=init_latents,
         strength=request.strength if init_latents is not None else 1.0,
-        timesteps=timesteps, timestep_spacing=request.timestep_spacing or None,
+        timesteps=list(request.timesteps) or None, timestep_spacing=request.timestep_spacing or None,
         sigma_schedule=request.sigma_schedule or None, guidance_rescale=request.guidance_rescale,
         change_map=change_map, preview_every=request.preview_every,
     )
@@ -94,16 +90,15 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self._scheduler_override = scheduler_override
         self._models = models
         self._admission = admission
-        self._max_steps = max_steps
-        self._max_batch = max_batch
+        self._limits = JobLimits(max_steps=max_steps, max_batch=max_batch)
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[denoiser_pb2.DenoiseEvent]:
         model: UNetDenoiser = self._models.get(request.model_id)
-        job = job_from_request(request, self._max_steps, self._max_batch)
+        job = job_from_request(request)
         if self._scheduler_override:
             job.scheduler = lookup_scheduler(self._scheduler_override)
-        model.check_job(job)  # reject before queueing, not after the wait
+        prepared = model.check_job(job, self._limits)  # reject before queueing, not after the wait
         attributes = {"diffmesh.model": request.model_id, "diffmesh.scheduler": request.scheduler,
                       "diffmesh.steps": request.steps, "diffmesh.size": f"{request.width}x{request.height}",
                       "diffmesh.batch_size": job.count, "diffmesh.img2img": job.init_latents is not None}
@@ -119,7 +114,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             def run() -> torch.Tensor:
                 counted, pending = [0], [None]
                 with telemetry.tracer().start_as_current_span("sampling_loop", attributes=attributes) as span:
-                    def on_step(step: int, total: int, timestep: float) -> None:
+                    def on_step(_job: int, step: int, total: int, timestep: float) -> None:
                         counted[0] = step
                         span.add_event("step", {"step": step, "timestep": timestep})
                         steps_done.inc()
@@ -132,7 +127,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                         else:
                             loop.call_soon_threadsafe(events.put_nowait, progress)
 
-                    def on_preview(step: int, total: int, images) -> None:
+                    def on_preview(_job: int, step: int, total: int, images) -> None:
                         progress = pending[0]
                         progress.previews.extend(encode_image(image, common_pb2.JPEG, PREVIEW_QUALITY)
                                                  for image in images)
@@ -140,7 +135,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
                     try:
                         loop_start = time.perf_counter()
-                        latents = model.denoise(job, on_step, cancel, on_preview)
+                        [latents] = model.denoise([prepared], on_step, cancel, on_preview)
                         rate = counted[0] / max(time.perf_counter() - loop_start, 1e-9)
                         metrics.DENOISE_STEP_RATE.labels(request.model_id).set(rate)
                         return latents

@@ -1,50 +1,29 @@
 """The orchestrator process: `diffmesh serve orchestrator` or `python -m services.orchestrator`."""
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-import grpc
-
-from diffmesh.proto.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from diffmesh.runtime.channels import channel_target
 from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.tls import load_tls
+from diffmesh.stages import STAGES, Need, StageTable
+from services.orchestrator.clients import StageClients
 from services.orchestrator.plan import Limits, ModelCatalog
-from services.orchestrator.routing import StageRoute, StageRouter
+from services.orchestrator.routing import StageRoute
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.shadow import ShadowDiffer
 
-STAGES = ("text_encoder", "denoiser", "vae")
-
 
 @dataclass
-class OrchestratorConfig(ServerConfig):
+class OrchestratorSettings(ServerConfig):
     """diffmesh orchestrator: the public API; chains the stages per request."""
 
-    port: int = setting(50051, "gRPC port", min=0, max=65535)
+    port: int = setting(STAGES.frontend().default_port, "gRPC port", min=0, max=65535)
     max_concurrency: int = setting(64, "requests in flight at once", min=1)
-    text_encoder_address: str = setting("127.0.0.1:50061", "text_encoder target: host:port (DNS: every address it resolves to), "
-                                    "a comma-separated list of IP:port replicas, or a gRPC target")
-    text_encoder_canary_address: str = setting("", "text_encoder canary target (empty: no canary)")
-    text_encoder_canary_weight: float = setting(0.0, "percent of requests the text_encoder canary serves", min=0, max=100)
-    text_encoder_shadow_percent: float = setting(0.0, "percent of stable text_encoder calls mirrored to the canary and "
-                                            "compared (never returned)", min=0, max=100)
-    denoiser_address: str = setting("127.0.0.1:50062", "denoiser target: host:port (DNS: every address it resolves to), "
-                                    "a comma-separated list of IP:port replicas, or a gRPC target")
-    denoiser_canary_address: str = setting("", "denoiser canary target (empty: no canary)")
-    denoiser_canary_weight: float = setting(0.0, "percent of requests the denoiser canary serves", min=0, max=100)
-    denoiser_shadow_percent: float = setting(0.0, "percent of stable denoiser calls mirrored to the canary and "
-                                            "compared (never returned)", min=0, max=100)
-    vae_address: str = setting("127.0.0.1:50063", "vae target: host:port (DNS: every address it resolves to), "
-                                    "a comma-separated list of IP:port replicas, or a gRPC target")
-    vae_canary_address: str = setting("", "vae canary target (empty: no canary)")
-    vae_canary_weight: float = setting(0.0, "percent of requests the vae canary serves", min=0, max=100)
-    vae_shadow_percent: float = setting(0.0, "percent of stable vae calls mirrored to the canary and "
-                                            "compared (never returned)", min=0, max=100)
     default_model: str = setting("", "model used when a request names none (empty: the first registry id)")
     default_scheduler: str = setting("euler", "scheduler used when a request names none")
     default_steps: int = setting(30, "steps when a request sets none", min=1)
@@ -58,16 +37,22 @@ class OrchestratorConfig(ServerConfig):
     request_timeout_s: float = setting(600.0, "deadline for requests that carry none", min=1)
     shadow_threshold: float = setting(0.0, "log a shadow divergence above this max absolute difference", min=0)
     shadow_max_in_flight: int = setting(8, "mirrored calls in flight at once (more are dropped)", min=1)
+    png_compress_level: int = setting(4, "zlib level for PNG output files (speed vs size)", min=0, max=9)
+
+    TABLE = STAGES  # the stages this orchestrator routes to (a class attribute, not a setting)
 
     def validate(self) -> None:
         if self.default_steps > self.max_steps:
             raise ConfigError(f"default_steps: {self.default_steps} exceeds max_steps {self.max_steps}")
-        for stage in STAGES:
-            if not getattr(self, f"{stage}_address"):
-                raise ConfigError(f"{stage}_address: must be set")
+        for spec in self.TABLE.backends():
+            stage = spec.name
+            if spec.need is Need.ALWAYS and not getattr(self, f"{stage}_address"):
+                raise ConfigError(f"{stage}_address: must be set (every flow needs {stage})")
             for knob in ("canary_weight", "shadow_percent"):
                 if getattr(self, f"{stage}_{knob}") > 0 and not getattr(self, f"{stage}_canary_address"):
                     raise ConfigError(f"{stage}_{knob}: set but {stage}_canary_address is empty")
+            if getattr(self, f"{stage}_canary_address") and not getattr(self, f"{stage}_address"):
+                raise ConfigError(f"{stage}_canary_address: set but {stage}_address is empty")
             for kind in ("address", "canary_address"):
                 address = getattr(self, f"{stage}_{kind}")
                 try:
@@ -84,44 +69,74 @@ class OrchestratorConfig(ServerConfig):
                       max_init_image_bytes=self.max_init_image_mb * 1024 * 1024)
 
     def routes(self) -> list[StageRoute]:
-        return [StageRoute(stage, getattr(self, f"{stage}_address"), getattr(self, f"{stage}_canary_address"),
-                           getattr(self, f"{stage}_canary_weight"), getattr(self, f"{stage}_shadow_percent"))
-                for stage in STAGES]
+        """One route per backend stage of the table (an unconfigured optional stage has none)."""
+        return [StageRoute(spec.name, getattr(self, f"{spec.name}_address"),
+                           getattr(self, f"{spec.name}_canary_address"), getattr(self, f"{spec.name}_canary_weight"),
+                           getattr(self, f"{spec.name}_shadow_percent"))
+                for spec in self.TABLE.backends() if getattr(self, f"{spec.name}_address")]
+
+
+def route_settings(table: StageTable) -> list[tuple[str, type, dataclasses.Field]]:
+    """The per-stage route settings, generated from the stage table: address, canary address and
+    weight, shadow percent. An optional stage defaults to no address (not configured)."""
+    fields = []
+    for spec in table.backends():
+        default = f"127.0.0.1:{spec.default_port}" if spec.need is Need.ALWAYS else ""
+        optional = "" if spec.need is Need.ALWAYS else "; empty: not configured (requests needing it fail)"
+        fields += [
+            (f"{spec.name}_address", str, setting(default, f"{spec.name} target: host:port (DNS: every address it "
+                                                           f"resolves to), a comma-separated list of IP:port replicas, "
+                                                           f"or a gRPC target{optional}")),
+            (f"{spec.name}_canary_address", str, setting("", f"{spec.name} canary target (empty: no canary)")),
+            (f"{spec.name}_canary_weight", float, setting(0.0, f"percent of requests the {spec.name} canary serves",
+                                                          min=0, max=100)),
+            (f"{spec.name}_shadow_percent", float, setting(0.0, f"percent of stable {spec.name} calls mirrored to "
+                                                                f"the canary and compared (never returned)",
+                                                           min=0, max=100)),
+        ]
+    return fields
+
+
+def orchestrator_config(table: StageTable) -> type[OrchestratorSettings]:
+    cls = dataclasses.make_dataclass("OrchestratorConfig", route_settings(table), bases=(OrchestratorSettings,),
+                                     namespace={"TABLE": table, "__doc__": OrchestratorSettings.__doc__,
+                                                "__module__": __name__})
+    return cls
+
+
+OrchestratorConfig = orchestrator_config(STAGES)
 
 
 class OrchestratorStage:
     name = "orchestrator"
 
-    def __init__(self, config: OrchestratorConfig) -> None:
+    def __init__(self, config: OrchestratorSettings) -> None:
         self.config = config
-        self.servicer: OrchestratorServicer | None = None
-        self.router: StageRouter | None = None
+        self.clients: StageClients | None = None
 
-    def service_names(self) -> Sequence[str]:
-        return (orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name,)
-
-    def initialize(self) -> None:
+    def initialize(self) -> ModelCatalog:
         catalog = ModelCatalog.load(self.config.registry)
         if self.config.default_model and catalog.get(self.config.default_model) is None:
             raise ConfigError(f"default_model: {self.config.default_model!r} is not in {self.config.registry}")
-        self.servicer.configure(self.config.limits(), catalog)
+        return catalog
 
-    def register(self, server: grpc.aio.Server) -> None:
-        # Channels are made here, on the server's event loop; the catalog arrives in initialize.
-        tls = load_tls(self.config)  # the orchestrator's own identity is its client identity to the stages
-        self.router = StageRouter(self.config.routes(), self.config.max_message_mb,
-                                  tls.channel_credentials() if tls else None)
-        shadow = ShadowDiffer(self.config.shadow_threshold, self.config.shadow_max_in_flight)
-        self.servicer = OrchestratorServicer(self.router, self.config.request_timeout_s, shadow)
-        orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self.servicer, server)
+    def servicer(self, catalog: ModelCatalog) -> OrchestratorServicer:
+        # On the server's event loop: the channels belong to it.
+        config = self.config
+        tls = load_tls(config)  # the orchestrator's own identity is its client identity to the stages
+        shadow = ShadowDiffer(config.shadow_threshold, config.shadow_max_in_flight)
+        self.clients = StageClients(config.routes(), config.max_message_mb,
+                                    tls.channel_credentials() if tls else None, shadow, config.request_timeout_s)
+        return OrchestratorServicer(self.clients, catalog, config.limits(), config.request_timeout_s,
+                                    config.png_compress_level)
 
-    def finalize(self) -> None:
-        pass
+    async def finalize(self) -> None:
+        if self.clients is not None:
+            await self.clients.close(self.config.grace_period_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(OrchestratorStage, OrchestratorConfig, sys.argv[1:] if argv is None else argv,
-                     "diffmesh-orchestrator")
+    return run_stage(OrchestratorStage, OrchestratorConfig, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

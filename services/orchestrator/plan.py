@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from diffmesh.imaging import FORMATS, decode_image
+from diffmesh.models.latent_space import vae_scale_factor
 from diffmesh.models.registry import ModelEntry, ModelFamily, Registry
 from diffmesh.models.schedulers import require_scheduler, scheduler_overrides
 from diffmesh.models.timesteps import interpolate_timesteps, validate_timesteps
@@ -56,13 +57,17 @@ class CatalogModel:
 class ModelCatalog:
     """What the orchestrator knows of each model without loading it: family and default size."""
 
+    # Only pipelines have a catalog entry (family, default size); face packs, adapters and
+    # policies belong to the stages that load them and must not stop the orchestrator.
+    KINDS = ("pipeline",)
+
     def __init__(self, registry: Registry) -> None:
         self._models: dict[str, CatalogModel] = {}
-        registry.verify()
-        for entry in registry.entries():
+        registry.verify(kinds=self.KINDS)
+        for entry in registry.entries(kinds=self.KINDS):
             unet = json.loads((entry.component_dir("unet") / "config.json").read_text())
             vae = json.loads((entry.component_dir("vae") / "config.json").read_text())
-            scale = 2 ** (len(vae["block_out_channels"]) - 1)
+            scale = vae_scale_factor(vae)
             self._models[entry.id] = CatalogModel(entry, int(unet["sample_size"]) * scale)
 
     @classmethod

@@ -5,14 +5,14 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-import grpc
 import torch
 
+from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import ModelEntry
-from diffmesh.proto.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from diffmesh.runtime.config import ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
+from diffmesh.stages import STAGES
 from services.text_encoder.encoder import ClipPromptEncoder, EmbeddingCache
 from services.text_encoder.servicer import TextEncoderServicer
 
@@ -21,26 +21,23 @@ from services.text_encoder.servicer import TextEncoderServicer
 class TextEncoderConfig(ServerConfig):
     """diffmesh text_encoder: prompts -> CLIP embeddings."""
 
-    port: int = setting(50061, "gRPC port", min=0, max=65535)
+    port: int = setting(STAGES["text_encoder"].default_port, "gRPC port", min=0, max=65535)
     cache_size: int = setting(1024, "encoded prompts kept in the LRU cache (0: no cache)", min=0)
 
 
 class TextEncoderStage(ModelStage[ClipPromptEncoder]):
     name = "text_encoder"
-    service_full_names = (text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoder"].full_name,)
 
     def load_model(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> ClipPromptEncoder:
         return ClipPromptEncoder(entry, device, dtype)
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def servicer(self, models: ModelPool[ClipPromptEncoder]) -> TextEncoderServicer:
         config: TextEncoderConfig = self.config  # type: ignore[assignment]
-        text_encoder_pb2_grpc.add_TextEncoderServicer_to_server(
-            TextEncoderServicer(self.models, self.admission, EmbeddingCache(config.cache_size)), server)
+        return TextEncoderServicer(models, self.admission, EmbeddingCache(config.cache_size))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(TextEncoderStage, TextEncoderConfig, sys.argv[1:] if argv is None else argv,
-                     "diffmesh-text-encoder")
+    return run_stage(TextEncoderStage, TextEncoderConfig, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

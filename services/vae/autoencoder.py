@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 
+from diffmesh.models.latent_space import vae_scale_factor
 from diffmesh.models.registry import ModelEntry
 from diffmesh.errors import InvalidArgument
 
@@ -25,7 +26,7 @@ class LatentImageCodec:
         self.device = device
         self.dtype = dtype
         self.vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, torch_dtype=dtype).to(device).eval()
-        self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scale_factor = vae_scale_factor(self.vae.config)
         self.latent_channels = int(self.vae.config.latent_channels)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)

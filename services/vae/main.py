@@ -5,14 +5,14 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-import grpc
 import torch
 
+from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import ModelEntry
-from diffmesh.proto.v1 import vae_pb2, vae_pb2_grpc
 from diffmesh.runtime.config import ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
+from diffmesh.stages import STAGES
 from services.vae.autoencoder import LatentImageCodec
 from services.vae.servicer import VaeServicer
 
@@ -21,26 +21,24 @@ from services.vae.servicer import VaeServicer
 class VaeConfig(ServerConfig):
     """diffmesh vae: latents <-> images."""
 
-    port: int = setting(50063, "gRPC port", min=0, max=65535)
+    port: int = setting(STAGES["vae"].default_port, "gRPC port", min=0, max=65535)
     max_batch: int = setting(16, "most images one call may decode or encode", min=1)
     png_compress_level: int = setting(4, "zlib level for PNG output (speed vs size)", min=0, max=9)
 
 
 class VaeStage(ModelStage[LatentImageCodec]):
     name = "vae"
-    service_full_names = (vae_pb2.DESCRIPTOR.services_by_name["Vae"].full_name,)
 
     def load_model(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> LatentImageCodec:
         return LatentImageCodec(entry, device, dtype)
 
-    def register(self, server: grpc.aio.Server) -> None:
+    def servicer(self, models: ModelPool[LatentImageCodec]) -> VaeServicer:
         config: VaeConfig = self.config  # type: ignore[assignment]
-        vae_pb2_grpc.add_VaeServicer_to_server(
-            VaeServicer(self.models, self.admission, config.max_batch, config.png_compress_level), server)
+        return VaeServicer(models, self.admission, config.max_batch, config.png_compress_level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(VaeStage, VaeConfig, sys.argv[1:] if argv is None else argv, "diffmesh-vae")
+    return run_stage(VaeStage, VaeConfig, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

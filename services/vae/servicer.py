@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from diffmesh.imaging import encode_image
+from diffmesh.models.latent_space import seeded_generators
 from diffmesh.models.pool import ModelPool
 from diffmesh.proto.v1 import tensor_pb2, vae_pb2, vae_pb2_grpc
 from diffmesh.runtime import codec, metrics, telemetry
@@ -81,7 +82,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         seeds = list(request.seeds)
         if not 1 <= len(seeds) <= self._max_batch:
             raise InvalidArgument("seeds", len(seeds), f"need 1 to {self._max_batch} (one per latent)")
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        generators = seeded_generators(seeds)
         annotate(**{"diffmesh.model": request.model_id, "diffmesh.batch_size": len(seeds)})
         async with self._admission.slot() as usage:
             latents = await self._admission.submit(

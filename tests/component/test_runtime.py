@@ -3,9 +3,11 @@ error mapping, drain on stop, and per-request balancing across replicas."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -49,35 +51,35 @@ class FakeStage:
     delay: float = 0.0
     max_concurrency: int = 1
     max_queue: int = 1
-    name: str = "fake"
+    name: str = "vae"  # serves the vae stage's service (diffmesh.stages), with an echo servicer
 
     def __post_init__(self) -> None:
         self.loaded = threading.Event()
         self.release = threading.Event()
         self.finalized = False
-        self.servicer = EchoVae(Admission("fake", self.max_concurrency, self.max_queue), self.delay)
+        self.echo = EchoVae(Admission("fake", self.max_concurrency, self.max_queue), self.delay)
 
-    def service_names(self):
-        return [SERVICE]
-
-    def initialize(self) -> None:
+    def initialize(self) -> str:
         assert self.release.wait(30)  # "loading models" until the test lets go
         self.loaded.set()
+        return "loaded"
 
-    def register(self, server) -> None:
-        vae_pb2_grpc.add_VaeServicer_to_server(self.servicer, server)
+    def servicer(self, loaded: str) -> EchoVae:
+        assert loaded == "loaded"  # built from what initialize returned
+        return self.echo
 
-    def finalize(self) -> None:
+    async def finalize(self) -> None:
         self.finalized = True
 
 
 class Running:
     """serve() in a background thread with its own event loop."""
 
-    def __init__(self, stage: FakeStage, **config) -> None:
+    def __init__(self, stage: Any, config: ServerConfig | None = None, **settings) -> None:
         self.stage = stage
         self.port = free_port()
-        self.config = ServerConfig(port=self.port, grace_period_s=config.pop("grace_period_s", 5.0), **config)
+        base = config or ServerConfig(grace_period_s=settings.pop("grace_period_s", 5.0))
+        self.config = dataclasses.replace(base, port=self.port, **settings)
         self.loop = asyncio.new_event_loop()
         self.stop_event: asyncio.Event | None = None
         self.exit_code: int | None = None
@@ -208,9 +210,9 @@ def test_admission_control_rejects_beyond_the_queue(serving):
     with grpc.insecure_channel(running.address) as channel:
         stub = vae_pb2_grpc.VaeStub(channel)
         first = stub.Decode.future(decode_request(), timeout=10)
-        wait_until(lambda: running.stage.servicer.calls == 1)
+        wait_until(lambda: running.stage.echo.calls == 1)
         second = stub.Decode.future(decode_request(), timeout=10)  # waits in the queue
-        wait_until(lambda: running.stage.servicer.calls == 2)
+        wait_until(lambda: running.stage.echo.calls == 2)
         with pytest.raises(grpc.RpcError) as info:
             stub.Decode(decode_request(), timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -222,7 +224,7 @@ def test_stop_drains_in_flight_calls_and_refuses_new_ones(serving):
     with grpc.insecure_channel(running.address) as channel:
         stub = vae_pb2_grpc.VaeStub(channel)
         in_flight = stub.Decode.future(decode_request(), timeout=20)
-        wait_until(lambda: running.stage.servicer.calls == 1)
+        wait_until(lambda: running.stage.echo.calls == 1)
         stopper = threading.Thread(target=running.stop)
         stopper.start()
         assert in_flight.result().pixels.shape == [1, 4, 8, 8]  # finished, not cut off
@@ -241,13 +243,13 @@ def test_round_robin_spreads_calls_over_every_replica(serving):
         # Until both subchannels are connected the first ones take everything; pick_first would
         # never reach the second replica at all.
         for _ in range(100):
-            if all(r.stage.servicer.calls for r in replicas):
+            if all(r.stage.echo.calls for r in replicas):
                 break
             await stub.Decode(decode_request(), timeout=10)
-        before = [r.stage.servicer.calls for r in replicas]
+        before = [r.stage.echo.calls for r in replicas]
         for _ in range(10):
             await stub.Decode(decode_request(), timeout=10)
         await channel.close()
-        return [r.stage.servicer.calls - b for r, b in zip(replicas, before)]
+        return [r.stage.echo.calls - b for r, b in zip(replicas, before)]
 
     assert asyncio.run(call_many()) == [5, 5]

@@ -6,10 +6,18 @@ rendered object is validated against the Kubernetes 1.33 OpenAPI schemas in stri
 (kubernetes-validate: unknown fields fail). Then the structure the mesh relies on is asserted:
 one Deployment per enabled stage and variant, headless Services, gRPC probes, GPU placement only
 on GPU stages, HPAs and PDBs, drain times, security context, the orchestrator's routing env.
+
+The stage table (diffmesh/stages.py, STAGES) is the source of truth: the chart's stage entries,
+ports, GPU placement, roles, container modules and the orchestrator's address env are checked
+against it, and every DIFFMESH_* variable the chart renders must be a setting of the stage it is
+rendered for (the services refuse unknown ones at start-up).
 """
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,13 +27,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from diffmesh.runtime.config import CONFIG_FILE_ENV, ENV_PREFIX, ServerConfig
+from diffmesh.stages import STAGES, Need, Role, StageSpec, StageTable
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "diffmesh"
 CI = CHART / "ci"
 KUBE_VERSION = "1.33.0"
 NAMESPACE = "diffmesh"
 RELEASE = "mesh"
-STAGES = ("text_encoder", "denoiser", "vae", "orchestrator", "face", "safety")
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
@@ -33,13 +43,10 @@ def _ci(name: str) -> dict[str, Any]:
     return yaml.safe_load((CI / name).read_text()) or {}
 
 
-# Every stage (face and safety included) with a canary, to render the widest chart.
+# Every stage of the table with a canary, to render the widest chart.
 ALL_STAGES = {
-    "stages": {
-        **{stage: {"canary": {"enabled": True, "weight": 5}} for stage in STAGES},
-        "face": {"enabled": True, "canary": {"enabled": True, "weight": 50}},
-        "safety": {"enabled": True, "canary": {"enabled": True, "weight": 100}},
-    },
+    "stages": {spec.name: {"canary": {"enabled": True, "weight": 5 + 10 * i, "shadowPercent": i}}
+               for i, spec in enumerate(STAGES)},
     "serviceMonitor": {"enabled": True},
     "registry": {"source": "configMap", "models": {"sd15": {"path": "sd15"}, "abs": {"path": "/data/x"}}},
 }
@@ -51,6 +58,27 @@ PROFILES: dict[str, dict[str, Any]] = {
     "gpu": _ci("gpu-values.yaml"),
     "all-stages": ALL_STAGES,
 }
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Helm's mergeOverwrite on deep copies: maps merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stage_values(values: dict[str, Any], name: str) -> dict[str, Any]:
+    """A stage's effective values, as the templates compute them: stageDefaults < stages.<name>."""
+    return deep_merge(values["stageDefaults"], values["stages"][name] or {})
+
+
+def stage_of_component(component: str) -> str:
+    """The stage name of a pod's app.kubernetes.io/component label (dashes back to underscores)."""
+    return component.replace("-", "_")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -87,10 +115,14 @@ class Rendered:
         return {doc["metadata"]["name"]: doc for doc in self.of_kind(kind)}
 
     def stage(self, name: str) -> dict[str, Any]:
-        return self.merged["stages"][name]
+        return stage_values(self.merged, name)
+
+    def stage_names(self) -> list[str]:
+        """The chart's stages (the keys of `stages`; the table tests check them against STAGES)."""
+        return sorted(self.merged["stages"])
 
     def enabled_stages(self) -> list[str]:
-        return [stage for stage in STAGES if self.stage(stage)["enabled"]]
+        return [stage for stage in self.stage_names() if self.stage(stage)["enabled"]]
 
     def expected_deployments(self) -> dict[str, tuple[str, str]]:
         """Deployment name -> (stage, variant) that the values ask for."""
@@ -194,16 +226,52 @@ def test_every_object_validates_against_kubernetes_schemas(rendered: Rendered) -
         _validate(doc)
 
 
-def test_helm_test_pod_validates(chart: Any) -> None:
-    # Hooks are not part of an install's manifest: render the test pod directly.
-    rendered = chart.render({}, name=RELEASE, namespace=NAMESPACE)
+def render_test_pod(chart: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Hooks are not part of an install's manifest: render the `helm test` pod directly."""
+    rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE)
     (source,) = [text for path, text in rendered.items() if path.endswith("tests/test-health.yaml")]
     (pod,) = parse(source)
+    return pod
+
+
+def test_helm_test_pod_validates(chart: Any) -> None:
+    pod = render_test_pod(chart, {})
     kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (container,) = pod["spec"]["containers"]
-    assert env_of(container)["TARGET"] == f"dns:///{RELEASE}-orchestrator:50051"
+    frontend = STAGES.frontend()
+    assert env_of(container)["TARGET"] == f"dns:///{RELEASE}-{frontend.flag}:{frontend.default_port}"
+    # It asks for the frontend's own gRPC service (the table's), not just the server's health.
+    assert f'service="{frontend.service}"' in container["args"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("profile", ["gpu", "tls-on"])
+def test_helm_test_pod_uses_the_plaintext_health_port_under_tls(profile: str, chart: Any, renders: dict[str, Rendered],
+                                                                helm_config: Any) -> None:
+    """Under mTLS the gRPC port wants a client certificate the test pod does not have: it must check
+    the plaintext health-only port (probePort -> DIFFMESH_HEALTH_PORT) that the stage serves then,
+    and the NetworkPolicy must let it in there."""
+    frontend = STAGES.frontend()
+    values = PROFILES["gpu"] if profile == "gpu" else {
+        "tls": {"secretName": "mesh-tls"},
+        "stages": {spec.name: {"probePort": spec.default_port + 100} for spec in STAGES}}
+    pod = render_test_pod(chart, values)
+    kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
+    (container,) = pod["spec"]["containers"]
+    rendered = renders["gpu"] if profile == "gpu" else Rendered(values, chart.merge_values(values),
+                                                                  install(helm_config, chart, values))
+    health_port = rendered.stage(frontend.name)["probePort"]
+    assert health_port and health_port != frontend.default_port
+    assert env_of(container)["TARGET"] == f"dns:///{RELEASE}-{frontend.flag}:{health_port}"
+    (orchestrator,) = [c for stage, variant, _, c in rendered.deployments()
+                       if stage == frontend.name and variant == "stable"]
+    assert env_of(orchestrator)["DIFFMESH_HEALTH_PORT"] == str(health_port)
+    assert env_of(orchestrator)["DIFFMESH_TLS_CA_FILE"], "the gRPC port is mTLS here"
+    policy = rendered.named("NetworkPolicy")[f"{RELEASE}-{frontend.flag}"]
+    (rule,) = [r for r in policy["spec"]["ingress"] if r["ports"] == [{"port": health_port, "protocol": "TCP"}]]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_validator_is_strict(renders: dict[str, Rendered]) -> None:
@@ -227,7 +295,15 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "canary weight 150": ({"stages": {"denoiser": {"canary": {"enabled": True, "weight": 150}}}},
                           "/stages/denoiser/canary/weight"),
     "negative canary weight": ({"stages": {"denoiser": {"canary": {"weight": -1}}}}, "/stages/denoiser/canary/weight"),
-    "unknown stage": ({"stages": {"upscaler": {"enabled": True}}}, "'upscaler' not allowed"),
+    # A stage entry names its port (no shared default): a typo'd stage name is refused.
+    "unknown stage": ({"stages": {"upscaler": {"enabled": True}}}, "at '/stages/upscaler': missing property 'port'"),
+    "stage name not a table name": ({"stages": {"text-encoder": {"port": 50061}}}, "invalid propertyName 'text-encoder'"),
+    "port in stageDefaults": ({"stageDefaults": {"port": 50000}}, "/stageDefaults/port"),
+    "bad role": ({"stages": {"vae": {"role": "sidecar"}}}, "/stages/vae/role"),
+    "two frontends": ({"stages": {"vae": {"role": "frontend"}}}, "exactly one stage must have role: frontend, got 2"),
+    "global setting only some stages have": ({"settings": {"max_batch": 8}}, "invalid propertyName 'max_batch'"),
+    "tls without a health port": ({"tls": {"secretName": "mesh-tls"}},
+                                  "probePort must be set when tls.secretName is"),
     "unknown stage field": ({"stages": {"vae": {"replica": 3}}}, "'replica' not allowed"),
     "unknown top-level key": ({"replicaCount": 3}, "'replicaCount' not allowed"),
     "port out of range": ({"stages": {"vae": {"port": 70000}}}, "/stages/vae/port"),
@@ -268,6 +344,26 @@ def test_bad_values_are_rejected(case: str, chart: Any, helm_config: Any) -> Non
     assert reason in " ".join(str(raised.value).split())
 
 
+def test_stage_defaults_apply_under_every_stage(chart: Any, helm_config: Any) -> None:
+    """stageDefaults is merged under each stage's own entry: a default reaches the stages that do
+    not set the key, and a stage's own value (values.yaml or the user's) wins. The denoiser sorts
+    first: were the merge to write into stageDefaults (no deepCopy), its annotation would leak into
+    the stages rendered after it."""
+    values = {"stageDefaults": {"podAnnotations": {"team": "ml"}, "startupSeconds": 900,
+                                "autoscaling": {"targetCPUUtilizationPercentage": 55}},
+              "stages": {"denoiser": {"podAnnotations": {"team": "denoiser"}}}}
+    rendered = Rendered(values, chart.merge_values(values), install(helm_config, chart, values))
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for stage, _, deployment, _ in rendered.deployments():
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["team"] == ("denoiser" if stage == "denoiser" else "ml"), stage
+        own = defaults["stages"][stage]
+        expected_startup = own.get("startupSeconds", 900)
+        assert deployment["spec"]["progressDeadlineSeconds"] == expected_startup + 600, stage
+    for hpa in rendered.of_kind("HorizontalPodAutoscaler"):
+        assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 55
+
+
 def test_missing_stage_can_be_external(chart: Any, helm_config: Any) -> None:
     release = install(helm_config, chart, {"stages": {"vae": {"enabled": False, "address": "vae.gpu-pool:50063"}}})
     deployments = {doc["metadata"]["name"]: doc for doc in parse(release["manifest"]) if doc["kind"] == "Deployment"}
@@ -281,7 +377,7 @@ def test_missing_stage_can_be_external(chart: Any, helm_config: Any) -> None:
 def test_one_deployment_per_enabled_stage_and_variant(rendered: Rendered) -> None:
     assert set(rendered.named("Deployment")) == set(rendered.expected_deployments())
     for stage, variant, deployment, container in rendered.deployments():
-        assert container["args"] == [f"services.{stage}"]
+        assert container["args"] == [STAGES[stage].package]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert labels["diffmesh.io/variant"] == variant
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -293,11 +389,12 @@ def test_one_deployment_per_enabled_stage_and_variant(rendered: Rendered) -> Non
         assert env["DIFFMESH_HOST"] == "0.0.0.0"
 
 
-def test_disabled_stages_render_nothing(renders: dict[str, Rendered]) -> None:
-    names = [doc["metadata"]["name"] for doc in renders["defaults"].docs]
-    assert not [name for name in names if "face" in name or "safety" in name]
+def test_disabled_stages_render_nothing(chart: Any, helm_config: Any, renders: dict[str, Rendered]) -> None:
+    values = {"stages": {"text_encoder": {"enabled": False, "address": "te.shared:50061"}}}
+    names = [doc["metadata"]["name"] for doc in parse(install(helm_config, chart, values)["manifest"])]
+    assert not [name for name in names if "text-encoder" in name]
     wide = [doc["metadata"]["name"] for doc in renders["all-stages"].docs]
-    assert f"{RELEASE}-face-canary" in wide and f"{RELEASE}-safety" in wide
+    assert {f"{RELEASE}-{spec.flag}-canary" for spec in STAGES} <= set(wide)
 
 
 def test_every_service_is_headless_and_matches_one_deployment(rendered: Rendered) -> None:
@@ -363,7 +460,7 @@ def test_gpu_placement_only_on_gpu_stages(rendered: Rendered) -> None:
     if rendered.values is PROFILES["cpu-dev"]:
         assert seen[True] == 0
     elif rendered.values is PROFILES["defaults"]:
-        assert seen == {True: 2, False: 2}
+        assert seen == {True: sum(spec.gpu for spec in STAGES), False: sum(not spec.gpu for spec in STAGES)}
 
 
 def test_text_encoder_on_cpu_denoiser_on_gpu_by_default(renders: dict[str, Rendered]) -> None:
@@ -404,7 +501,7 @@ def test_an_hpa_and_a_pdb_per_stage(rendered: Rendered) -> None:
         assert {d["metadata"]["name"] for d in selected} <= {name, f"{name}-canary"} and selected
         assert ("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"])
     if rendered.values is PROFILES["defaults"]:
-        assert len(hpas) == len(pdbs) == 4
+        assert len(hpas) == len(pdbs) == len(STAGES.names())
 
 
 def test_termination_grace_is_longer_than_the_drain(rendered: Rendered) -> None:
@@ -464,15 +561,15 @@ def test_models_and_registry_mounts(rendered: Rendered) -> None:
 
 def test_orchestrator_env_points_at_the_stage_services(rendered: Rendered) -> None:
     services = rendered.named("Service")
-    orchestrators = [(variant, c) for stage, variant, _, c in rendered.deployments() if stage == "orchestrator"]
+    frontend = STAGES.frontend().name
+    orchestrators = [(variant, c) for stage, variant, _, c in rendered.deployments() if stage == frontend]
     assert orchestrators
     for _, container in orchestrators:
         env = env_of(container)
-        for stage in STAGES:
-            if stage == "orchestrator":
-                continue
+        for spec in STAGES.backends():
+            stage = spec.name
             values = rendered.stage(stage)
-            prefix = f"DIFFMESH_{stage.upper()}"
+            prefix = f"{ENV_PREFIX}{stage.upper()}"
             if not values["enabled"]:
                 assert f"{prefix}_ADDRESS" not in env
                 continue
@@ -500,14 +597,15 @@ def test_orchestrator_config_accepts_the_rendered_env(profile: str, renders: dic
 
     fields = {field.name: field for field in dataclasses.fields(OrchestratorConfig)}
     rendered = renders[profile]
-    for stage in ("text_encoder", "denoiser", "vae"):
-        assert fields[f"{stage}_canary_weight"].metadata["max"] == 100, "canary weights are percentages"
+    for spec in STAGES.backends():
+        assert fields[f"{spec.name}_canary_weight"].metadata["max"] == 100, "canary weights are percentages"
     (container,) = [c for stage, variant, _, c in rendered.deployments()
-                    if stage == "orchestrator" and variant == "stable"]
+                    if stage == STAGES.frontend().name and variant == "stable"]
     env = {k: v for k, v in env_of(container).items() if v is not None}
     config = load_config(OrchestratorConfig, [], environ=env)
-    assert config.host == "0.0.0.0" and config.port == 50051
+    assert config.host == "0.0.0.0" and config.port == STAGES.frontend().default_port
     routes = {route.stage: route for route in config.routes()}
+    assert set(routes) == {spec.name for spec in STAGES.backends()}
     for stage, route in routes.items():
         values = rendered.stage(stage)
         base = f"{RELEASE}-{stage.replace('_', '-')}"
@@ -521,33 +619,22 @@ def test_orchestrator_config_accepts_the_rendered_env(profile: str, renders: dic
             assert not route.canary and route.canary_weight == 0
 
 
-def test_shared_settings_load_in_every_stage(rendered: Rendered) -> None:
-    from diffmesh.runtime.config import ServerConfig, load_config
+def test_every_stage_loads_its_rendered_env(rendered: Rendered) -> None:
+    """Each stage's own settings loader (its config class, which refuses unknown DIFFMESH_*
+    variables) accepts what the chart renders for it, and reads the chart's ports and drain."""
+    from diffmesh.runtime.config import load_config
 
     for stage, variant, _, container in rendered.deployments():
-        env = {k: v for k, v in env_of(container).items() if v is not None}
-        config = load_config(ServerConfig, [], environ=env)
+        # valueFrom entries (DIFFMESH_TORCH_THREADS: the CPU limit) are resolved by the kubelet: "2".
+        env = {k: "2" if v is None else v for k, v in env_of(container).items()
+               if v is not None or k.startswith(ENV_PREFIX)}
+        config = load_config(config_class(STAGES[stage]), [], environ=env)
         assert config.host == "0.0.0.0"
         assert config.port == rendered.stage(stage)["port"]
         assert config.metrics_port == rendered.stage(stage)["metricsPort"]
         assert config.grace_period_s == rendered.stage(stage)["gracePeriodS"]
         assert config.variant == variant
         assert config.registry == env["DIFFMESH_REGISTRY"]
-
-
-def test_default_ports_match_the_services() -> None:
-    """values.yaml's ports are the services' own defaults (read from services/<stage>/main.py)."""
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    for stage in ("text_encoder", "denoiser", "vae", "orchestrator"):
-        tree = ast.parse((ROOT / "services" / stage / "main.py").read_text())
-        defaults = {node.target.id: node.value.args[0].value for node in ast.walk(tree)
-                    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "setting"
-                    and node.value.args and isinstance(node.value.args[0], ast.Constant)}
-        assert values["stages"][stage]["port"] == defaults["port"], stage
-        if stage == "orchestrator":
-            for target in ("text_encoder", "denoiser", "vae"):
-                assert {f"{target}_address", f"{target}_canary_address", f"{target}_canary_weight"} <= set(defaults)
 
 
 def test_canary_variant_overrides(renders: dict[str, Rendered]) -> None:
@@ -565,7 +652,8 @@ def test_network_policy_only_orchestrator_reaches_stage_grpc(rendered: Rendered)
     policies = rendered.named("NetworkPolicy")
     assert set(policies) == {f"{RELEASE}-{s.replace('_', '-')}" for s in rendered.enabled_stages()}
     deployments = rendered.named("Deployment")
-    orchestrator_labels = deployments[f"{RELEASE}-orchestrator"]["spec"]["template"]["metadata"]["labels"]
+    frontend = STAGES.frontend()
+    orchestrator_labels = deployments[f"{RELEASE}-{frontend.flag}"]["spec"]["template"]["metadata"]["labels"]
     for stage in rendered.enabled_stages():
         name = f"{RELEASE}-{stage.replace('_', '-')}"
         spec = policies[name]["spec"]
@@ -576,8 +664,17 @@ def test_network_policy_only_orchestrator_reaches_stage_grpc(rendered: Rendered)
                 assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
         grpc_rules = [r for r in spec["ingress"] if r["ports"] == [{"port": "grpc", "protocol": "TCP"}]]
         metrics_rules = [r for r in spec["ingress"] if r["ports"] == [{"port": "metrics", "protocol": "TCP"}]]
-        assert len(grpc_rules) == 1 and len(grpc_rules) + len(metrics_rules) == len(spec["ingress"])
-        if stage == "orchestrator":
+        # Under TLS, the frontend's plaintext health-only port admits the `helm test` pod (only it).
+        health_port = rendered.stage(stage)["probePort"]
+        health_rules = [r for r in spec["ingress"] if r["ports"] == [{"port": health_port, "protocol": "TCP"}]]
+        tested = stage == frontend.name and bool(rendered.merged["tls"]["secretName"]) and rendered.merged["tests"]["enabled"]
+        assert len(health_rules) == (1 if tested else 0), stage
+        for rule in health_rules:
+            (peer,) = rule["from"]
+            assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
+        assert len(grpc_rules) == 1
+        assert len(grpc_rules) + len(metrics_rules) + len(health_rules) == len(spec["ingress"])
+        if stage == frontend.name:
             assert grpc_rules[0].get("from", []) == rendered.merged["networkPolicy"]["orchestratorFrom"]
         else:
             (peer,) = grpc_rules[0]["from"]
@@ -645,6 +742,226 @@ def test_long_release_names_stay_valid_dns_labels(chart: Any, helm_config: Any) 
         assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
 
 
+# --- the stage table: one declaration of the stages (diffmesh/stages.py) -----------------------
+
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def config_class(spec: StageSpec) -> type[ServerConfig]:
+    """The stage's settings dataclass: the ServerConfig dataclass subclass its main module defines
+    (the most derived one: the orchestrator builds its config class on a base class of settings)."""
+    module = spec.main_module()
+    found = [obj for obj in vars(module).values()
+             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and issubclass(obj, ServerConfig)
+             and obj.__module__ == module.__name__]
+    leaves = [cls for cls in found if not any(other is not cls and issubclass(other, cls) for other in found)]
+    assert len(leaves) == 1, f"{spec.module}: expected one ServerConfig dataclass, found {[c.__name__ for c in found]}"
+    return leaves[0]
+
+
+def stage_env_names(spec: StageSpec) -> set[str]:
+    """The DIFFMESH_* variables the stage's config loader accepts."""
+    return {ENV_PREFIX + field.name.upper() for field in dataclasses.fields(config_class(spec))} | {CONFIG_FILE_ENV}
+
+
+def values_mismatches(table: StageTable, values: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """Where values.yaml (and the schema, if it lists stages) disagree with the stage table."""
+    problems = []
+    chart = set(values["stages"])
+    for spec in table:
+        if spec.name not in chart:
+            gpu = ", gpu: true" if spec.gpu else ""
+            role = ", role: frontend" if spec.role is Role.FRONTEND else ""
+            problems.append(f"stage {spec.name!r} is in diffmesh/stages.py but has no entry under `stages:` in "
+                            f"values.yaml (add `{spec.name}: {{port: {spec.default_port}{gpu}{role}}}`)")
+    for name in sorted(chart - set(table.names())):
+        problems.append(f"stage {name!r} has an entry in values.yaml but is not in diffmesh/stages.py STAGES")
+    listed = schema["properties"]["stages"].get("properties")
+    if listed is not None:
+        for name in sorted(set(table.names()) - set(listed)):
+            problems.append(f"stage {name!r} is in diffmesh/stages.py but not listed in values.schema.json")
+        for name in sorted(set(listed) - set(table.names())):
+            problems.append(f"stage {name!r} is listed in values.schema.json but not in diffmesh/stages.py STAGES")
+    for spec in table:
+        if spec.name not in chart:
+            continue
+        own = stage_values(values, spec.name)
+        checks = [("port", own.get("port"), spec.default_port, "default_port"),
+                  ("gpu", own["gpu"], spec.gpu, "gpu"),
+                  ("role", own["role"], spec.role.value, "role")]
+        if spec.role is Role.BACKEND:
+            checks.append(("need", own["need"], spec.need.value, "need"))
+        for key, chart_value, table_value, field in checks:
+            if chart_value != table_value:
+                problems.append(f"stage {spec.name!r}: values.yaml has {key}: {chart_value!r}, "
+                                f"diffmesh/stages.py has {field}={table_value!r}")
+    return problems
+
+
+def gpu_placed(rendered: Rendered, deployment: dict[str, Any], container: dict[str, Any]) -> set[str]:
+    """The GPU placement a pod got: the extended resource, the GPU pool's labels, taints, runtime."""
+    pool = rendered.merged["gpuPool"]
+    pod = deployment["spec"]["template"]["spec"]
+    resources = container.get("resources", {})
+    found = set()
+    if GPU_RESOURCE in resources.get("limits", {}) or GPU_RESOURCE in resources.get("requests", {}):
+        found.add(GPU_RESOURCE)
+    if set(pool["nodeSelector"].items()) & set(pod.get("nodeSelector", {}).items()):
+        found.add("nodeSelector")
+    if {t["key"] for t in pool["tolerations"]} & {t["key"] for t in pod.get("tolerations", [])}:
+        found.add("tolerations")
+    if pod.get("runtimeClassName"):
+        found.add("runtimeClassName")
+    return found
+
+
+def full_gpu_placement(rendered: Rendered) -> set[str]:
+    """What gpu_placed finds on a GPU stage's pod, given the values' gpuPool."""
+    pool = rendered.merged["gpuPool"]
+    wanted = {GPU_RESOURCE, "nodeSelector" if pool["nodeSelector"] else "", "tolerations" if pool["tolerations"] else "",
+              "runtimeClassName" if pool["runtimeClassName"] else ""}
+    return wanted - {""}
+
+
+def rendered_mismatches(table: StageTable, rendered: Rendered, gpu_as_in_table: bool) -> list[str]:
+    """Where a rendered release disagrees with the stage table: a Deployment per enabled stage,
+    running `python -m <spec.package>`; GPU placement only for gpu stages (and, with
+    gpu_as_in_table, for every gpu stage); one address env per backend on the frontend."""
+    problems = []
+    by_stage: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
+    for deployment in rendered.of_kind("Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        by_stage.setdefault(stage_of_component(labels["app.kubernetes.io/component"]), []).append(
+            (labels["diffmesh.io/variant"], deployment, container))
+    chart = rendered.merged["stages"]
+    for name in sorted(set(by_stage) - set(table.names())):
+        problems.append(f"Deployment {by_stage[name][0][1]['metadata']['name']} runs stage {name!r}, "
+                        f"which is not in diffmesh/stages.py STAGES")
+    for spec in table:
+        if spec.name in chart and rendered.stage(spec.name)["enabled"] and spec.name not in by_stage:
+            problems.append(f"stage {spec.name!r}: enabled but no Deployment rendered")
+        for variant, deployment, container in by_stage.get(spec.name, []):
+            where = f"stage {spec.name!r} ({variant})"
+            if container.get("args") != [spec.package]:
+                problems.append(f"{where}: the container runs `python -m {' '.join(container.get('args', []))}`, "
+                                f"the table says `python -m {spec.package}`")
+            placed = gpu_placed(rendered, deployment, container)
+            if placed and not spec.gpu:
+                problems.append(f"{where}: gpu=False in diffmesh/stages.py but the pod gets GPU placement "
+                                f"({', '.join(sorted(placed))})")
+            missing = full_gpu_placement(rendered) - placed
+            if spec.gpu and gpu_as_in_table and missing:
+                problems.append(f"{where}: gpu=True in diffmesh/stages.py but the pod lacks GPU placement "
+                                f"({', '.join(sorted(missing))})")
+    frontend = table.frontend()
+    for variant, _, container in by_stage.get(frontend.name, []):
+        env = env_of(container)
+        rendered_addresses = {name for name in env if name.endswith("_ADDRESS") and not name.endswith("_CANARY_ADDRESS")}
+        expected = set()
+        for spec in table.backends():
+            own = rendered.stage(spec.name) if spec.name in chart else {}
+            if spec.need is Need.ALWAYS or own.get("enabled") or own.get("address"):
+                expected.add(f"{ENV_PREFIX}{spec.name.upper()}_ADDRESS")
+        for name in sorted(expected - rendered_addresses):
+            problems.append(f"frontend {frontend.name!r} ({variant}): no {name} for backend "
+                            f"{name[len(ENV_PREFIX):-len('_ADDRESS')].lower()!r}")
+        for name in sorted(rendered_addresses - expected):
+            problems.append(f"frontend {frontend.name!r} ({variant}): {name} is not the address of a backend "
+                            f"of diffmesh/stages.py")
+    return problems
+
+
+def _keeps_table_gpu(rendered: Rendered) -> bool:
+    # cpu-dev runs every stage on CPU on purpose; the other profiles keep the table's placement.
+    return rendered.values is not PROFILES["cpu-dev"]
+
+
+def test_chart_values_agree_with_the_stage_table() -> None:
+    problems = values_mismatches(STAGES, VALUES, SCHEMA)
+    assert not problems, "\n".join(problems)
+
+
+def test_rendered_chart_agrees_with_the_stage_table(rendered: Rendered) -> None:
+    problems = rendered_mismatches(STAGES, rendered, _keeps_table_gpu(rendered))
+    assert not problems, "\n".join(problems)
+
+
+def test_gpu_values_place_exactly_the_table_gpu_stages(renders: dict[str, Rendered]) -> None:
+    for profile in ("defaults", "gpu"):
+        rendered = renders[profile]
+        for stage, variant, deployment, container in rendered.deployments():
+            placed = gpu_placed(rendered, deployment, container)
+            if STAGES[stage].gpu:
+                assert placed == full_gpu_placement(rendered), (profile, stage, variant, placed)
+            else:
+                assert not placed, (profile, stage, variant, placed)
+
+
+def test_stage_table_checks_name_the_stage_and_what_is_missing(renders: dict[str, Rendered],
+                                                                chart: Any, helm_config: Any) -> None:
+    """Guards the two checks above: a stage added to one side only is reported by name."""
+    upscaler = StageSpec("upscaler", "services.upscaler.main", "diffmesh.v1.Upscaler", 50070, Role.BACKEND, gpu=True)
+    wider = StageTable(STAGES.stages + (upscaler,))
+    problems = "\n".join(values_mismatches(wider, VALUES, SCHEMA) + rendered_mismatches(wider, renders["gpu"], True))
+    assert "stage 'upscaler' is in diffmesh/stages.py but has no entry under `stages:`" in problems
+    assert "`upscaler: {port: 50070, gpu: true}`" in problems
+    assert "no DIFFMESH_UPSCALER_ADDRESS for backend 'upscaler'" in problems
+
+    narrower = StageTable(tuple(spec for spec in STAGES if spec.name != "vae"))
+    problems = "\n".join(values_mismatches(narrower, VALUES, SCHEMA)
+                         + rendered_mismatches(narrower, renders["gpu"], True))
+    assert "stage 'vae' has an entry in values.yaml but is not in diffmesh/stages.py" in problems
+    assert f"Deployment {RELEASE}-vae runs stage 'vae'" in problems
+    assert "DIFFMESH_VAE_ADDRESS is not the address of a backend" in problems
+
+    moved = StageTable(tuple(dataclasses.replace(spec, default_port=50099, gpu=not spec.gpu, module="services.x.main")
+                             if spec.name == "text_encoder" else spec for spec in STAGES))
+    problems = "\n".join(values_mismatches(moved, VALUES, SCHEMA) + rendered_mismatches(moved, renders["gpu"], True))
+    assert "stage 'text_encoder': values.yaml has port: 50061, diffmesh/stages.py has default_port=50099" in problems
+    assert "stage 'text_encoder': values.yaml has gpu: False" in problems
+    assert "the table says `python -m services.x`" in problems
+    assert ("stage 'text_encoder' (stable): gpu=True in diffmesh/stages.py but the pod lacks GPU placement "
+            "(nodeSelector, nvidia.com/gpu, runtimeClassName, tolerations)") in problems
+
+    # A chart stage the table lacks, rendered: reported as a Deployment of an unknown stage.
+    values = {"stages": {"upscaler": {"port": 50070}}}
+    extra = Rendered(values, chart.merge_values(values), install(helm_config, chart, values))
+    problems = "\n".join(rendered_mismatches(STAGES, extra, True))
+    assert f"Deployment {RELEASE}-upscaler runs stage 'upscaler', which is not in diffmesh/stages.py" in problems
+    assert "DIFFMESH_UPSCALER_ADDRESS is not the address of a backend" in problems
+
+
+def test_config_classes_default_to_the_table_ports() -> None:
+    for spec in STAGES:
+        (port,) = [f for f in dataclasses.fields(config_class(spec)) if f.name == "port"]
+        assert port.default == spec.default_port, spec.name
+
+
+def test_rendered_diffmesh_env_are_settings_of_their_stage(rendered: Rendered) -> None:
+    """The services refuse an unknown DIFFMESH_* variable at start-up: every one the chart renders
+    for a stage (names only; valueFrom entries too) must be a setting of that stage's config."""
+    problems = []
+    for stage, variant, _, container in rendered.deployments():
+        unknown = sorted(name for name in env_of(container)
+                         if name.startswith(ENV_PREFIX) and name not in stage_env_names(STAGES[stage]))
+        if unknown:
+            problems.append(f"stage {stage!r} ({variant}): {', '.join(unknown)} rendered, not settings of "
+                            f"{config_class(STAGES[stage]).__name__}")
+    assert not problems, "\n".join(problems)
+
+
+def test_shared_settings_are_settings_of_every_stage() -> None:
+    """The global `settings` (and stageDefaults.settings) reach every stage: the schema allows only
+    names every stage's config has."""
+    allowed = set(SCHEMA["definitions"]["sharedSettings"]["propertyNames"]["enum"])
+    for spec in STAGES:
+        fields = {field.name for field in dataclasses.fields(config_class(spec))}
+        assert allowed <= fields, f"stage {spec.name!r} lacks shared settings {sorted(allowed - fields)}"
+    assert set(VALUES["settings"]) <= allowed
+
+
 # --- Dockerfile --------------------------------------------------------------------------------
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
@@ -694,3 +1011,51 @@ def test_dockerfile_variants_stage_args_and_no_models() -> None:
     assert entrypoint == '["python", "-m"]'
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".models", ".mesh", "out", ".git", ".pytest_cache", ".hypothesis"} <= ignored
+
+
+def _expose_comment_and_ports() -> tuple[str, list[int]]:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    (index,) = [i for i, line in enumerate(lines) if line.startswith("EXPOSE ")]
+    comment = []
+    for line in reversed(lines[:index]):
+        if not line.startswith("#"):
+            break
+        comment.insert(0, line.lstrip("# "))
+    return " ".join(comment), [int(port) for port in lines[index].split()[1:]]
+
+
+def test_dockerfile_import_check_reads_the_stage_table() -> None:
+    """The build imports every stage's module from the table, not a hand-kept list."""
+    runs = [args for keyword, args in _dockerfile_instructions() if keyword == "RUN"]
+    checks = [match.group(1) for args in runs for match in re.finditer(r'python -c "([^"]*)"', args)
+              if "diffmesh.stages" in match.group(1)]
+    assert len(checks) == 1, "no `python -c` import check over diffmesh.stages in a RUN"
+    tree = ast.parse(checks[0])  # valid Python, as `python -c` will run it
+    imports = [(node.module, [alias.name for alias in node.names]) for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom)]
+    assert ("diffmesh.stages", ["STAGES"]) in imports, checks[0]
+    # Every spec of the table is imported: spec.main_module() for spec in STAGES.
+    loops = [node for node in ast.walk(tree) if isinstance(node, ast.comprehension)
+             and isinstance(node.iter, ast.Name) and node.iter.id == "STAGES"]
+    calls = {node.func.attr for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    assert loops and "main_module" in calls, checks[0]
+    # No hand-kept stage list anywhere in the build steps.
+    for args in runs:
+        for spec in STAGES:
+            assert spec.module not in args, f"{spec.module} named by hand in the Dockerfile: {args}"
+    # Everything the modules import is copied in before that check runs.
+    copies = " ".join(args for keyword, args in _dockerfile_instructions() if keyword == "COPY")
+    assert {spec.module.split(".")[0] for spec in STAGES} <= set(re.findall(r"\b(\w+) /src/", copies)) | {"diffmesh"}
+
+
+def test_dockerfile_exposes_the_table_ports() -> None:
+    comment, ports = _expose_comment_and_ports()
+    metrics = VALUES["stageDefaults"]["metricsPort"]
+    expected = {spec.default_port for spec in STAGES} | {metrics}
+    assert set(ports) == expected, f"EXPOSE {ports}: the table's ports and metrics are {sorted(expected)}"
+    for spec in STAGES:
+        assert f"{spec.name} {spec.default_port}" in comment, f"the EXPOSE comment does not say `{spec.name} {spec.default_port}`"
+    assert f"metrics {metrics}" in comment
+    cmd = [args for keyword, args in _dockerfile_instructions() if keyword == "CMD"][-1]
+    assert json.loads(cmd) == [STAGES.frontend().package]

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from diffmesh.client import build_request
+from diffmesh.client import build_request, field_violations
 from diffmesh.stages import STAGES
 from diffmesh.proto.v1 import (denoiser_pb2, denoiser_pb2_grpc, orchestrator_pb2, tensor_pb2, text_encoder_pb2,
                                text_encoder_pb2_grpc, vae_pb2, vae_pb2_grpc)
@@ -71,6 +71,14 @@ def generate_request(fields: dict) -> orchestrator_pb2.GenerateRequest:
     return request
 
 
+def assert_violation(error: grpc.RpcError, field: str) -> None:
+    """The status details carry a google.rpc.BadRequest naming the field (plus its value and
+    reason), as well as the readable message."""
+    violations = field_violations(error)
+    assert [v.field.split(".")[0] for v in violations] == [field.split(".")[0]], violations
+    assert violations[0].reason and violations[0].reason in error.details()
+
+
 def assert_mesh_healthy(mesh, client) -> None:
     for stage in STAGES.names():
         with grpc.insecure_channel(mesh.address(stage)) as channel:
@@ -86,6 +94,7 @@ def test_orchestrator_rejects(mesh, client, fields, field):
         client.generate(generate_request(fields), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(field), info.value.details()
+    assert_violation(info.value, field)
     assert len(info.value.details()) < 500  # a 100 kB value is not echoed back
     assert_mesh_healthy(mesh, client)
 
@@ -159,6 +168,7 @@ def test_denoiser_rejects(mesh, client, embeds, change, field):
             list(stub.Denoise(denoise_request(embeds, **change(embeds)), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(field), info.value.details()
+    assert_violation(info.value, field)
     assert_mesh_healthy(mesh, client)
 
 
@@ -187,6 +197,7 @@ def test_vae_rejects(mesh, client, method, request_, field):
             getattr(vae_pb2_grpc.VaeStub(channel), method)(request_, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(field), info.value.details()
+    assert_violation(info.value, field)
     assert_mesh_healthy(mesh, client)
 
 
@@ -197,4 +208,5 @@ def test_text_encoder_rejects_unknown_model(mesh, client):
                 text_encoder_pb2.EncodeTextRequest(model_id="nope", prompt="x"), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("model_id")
+    assert_violation(info.value, "model_id")
     assert_mesh_healthy(mesh, client)

@@ -87,7 +87,7 @@ def test_spans_carry_semantic_and_mesh_attributes(traced_call):
     assert [e["attributes"]["step"] for e in loop.events] == [1, 2, 3]  # 4 steps x strength 0.75
     assert all("timestep" in e["attributes"] for e in loop.events)
     names = {s.name for s in spans}
-    assert {"encode_prompt", "vae.encode", "vae.decode", "image.encode", "queue_wait"} <= names
+    assert {"encode_prompt", "vae.encode", "vae.decode", "encode_files", "queue_wait"} <= names
 
 
 def test_no_span_contains_the_prompt_text(traced_call):

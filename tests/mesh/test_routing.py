@@ -6,67 +6,22 @@ from __future__ import annotations
 import math
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
-from diffmesh.client import MeshClient, build_request, wait_for_serving
+from diffmesh.client import MeshClient, build_request, field_violations
 from diffmesh.mesh import free_port
 
 FAST = dict(model="tiny-sd15", width=64, height=64, steps=1, guidance_scale=1.0, seed=3)
 
 
-class Procs:
-    def __init__(self, registry, log_dir):
-        self.registry, self.log_dir = registry, log_dir
-        self.procs: dict[str, tuple[subprocess.Popen, str, int]] = {}
-
-    def start(self, name: str, stage: str, *args: str, variant: str = "stable") -> str:
-        port, metrics_port = free_port(), free_port()
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", f"services.{stage}", "--port", str(port), "--registry",
-                                 str(self.registry), "--variant", variant, "--metrics-port", str(metrics_port),
-                                 *args], stdout=log, stderr=subprocess.STDOUT)
-        self.procs[name] = (proc, f"127.0.0.1:{port}", metrics_port)
-        return f"127.0.0.1:{port}"
-
-    def address(self, name: str) -> str:
-        return self.procs[name][1]
-
-    def metrics(self, name: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.procs[name][2]}/metrics", timeout=5) as reply:
-            return reply.read().decode()
-
-    def wait(self, *names: str) -> None:
-        for name in names:
-            wait_for_serving(self.address(name), 120)
-
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text()
-
-    def stop_all(self) -> None:
-        for proc, _, _ in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _, _ in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def orchestrator_args(mesh, **routes: str) -> list[str]:
-    args = []
-    for stage in ("text_encoder", "denoiser", "vae"):
-        args += [f"--{stage.replace('_', '-')}-address", routes.pop(f"{stage}_address", mesh.address(stage))]
-    for key, value in routes.items():
-        args += ["--" + key.replace("_", "-"), value]
-    return args
+def orchestrator_args(**routes: str) -> list[str]:
+    """Route flags that override the session mesh's own (which the launcher passes first)."""
+    return [arg for key, value in routes.items() for arg in ("--" + key.replace("_", "-"), value)]
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -77,9 +32,41 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+class Spawned:
+    """Processes started beside the session mesh by its launcher, stopped at the module's end."""
+
+    def __init__(self, mesh) -> None:
+        self.mesh = mesh
+        self.names: list[str] = []
+
+    def start(self, name: str, stage: str, *args: str, variant: str = "stable") -> str:
+        self.names.append(name)
+        return self.mesh.spawn(name, stage, *args, variant=variant)
+
+    def address(self, name: str) -> str:
+        return self.mesh.address(name)
+
+    def metrics(self, name: str) -> str:
+        return self.mesh.metrics_text(name)
+
+    def wait(self, *names: str) -> None:
+        self.mesh.wait_ready(120, names=names)
+
+    def log(self, name: str) -> str:
+        return (self.mesh.log_dir / f"{name}.log").read_text()
+
+    def process(self, name: str):
+        return self.mesh.processes[name]
+
+    def stop_all(self) -> None:
+        codes = self.mesh.stop(names=[name for name in self.names if name in self.mesh.processes])
+        # Orchestrators finalize on SIGTERM (drain shadow calls, close channels) and exit 0.
+        assert all(code == 0 for name, code in codes.items() if name.startswith("orch")), codes
+
+
 @pytest.fixture(scope="module")
-def procs(mesh, registry, tmp_path_factory):
-    started = Procs(registry, tmp_path_factory.mktemp("routing"))
+def procs(mesh):
+    started = Spawned(mesh)
     started.start("te-canary", "text_encoder", "--models", "tiny-sd15", variant="canary")
     started.start("den-canary", "denoiser", "--models", "tiny-sd15", variant="canary")
     started.start("den-ddim", "denoiser", "--models", "tiny-sd15", "--scheduler-override", "ddim", variant="canary")
@@ -87,12 +74,12 @@ def procs(mesh, registry, tmp_path_factory):
     started.wait("te-canary", "den-canary", "den-ddim", "vae-canary")
     # A: text_encoder canary 20 %, denoiser canary 0 % with every stable call shadowed, vae canary 100 %.
     started.start("orch-a", "orchestrator", *orchestrator_args(
-        mesh, text_encoder_canary_address=started.address("te-canary"), text_encoder_canary_weight="20",
+        text_encoder_canary_address=started.address("te-canary"), text_encoder_canary_weight="20",
         denoiser_canary_address=started.address("den-canary"), denoiser_canary_weight="0",
         denoiser_shadow_percent="100", vae_canary_address=started.address("vae-canary"), vae_canary_weight="100"))
     # C: a text_encoder canary that is down (weight 100), a denoiser canary running another scheduler, shadowed.
     started.start("orch-c", "orchestrator", *orchestrator_args(
-        mesh, text_encoder_canary_address=f"127.0.0.1:{free_port()}", text_encoder_canary_weight="100",
+        text_encoder_canary_address=f"127.0.0.1:{free_port()}", text_encoder_canary_weight="100",
         denoiser_canary_address=started.address("den-ddim"), denoiser_shadow_percent="100"))
     started.wait("orch-a", "orch-c")
     yield started
@@ -188,8 +175,7 @@ def replicas(mesh, procs):
     for name in names:
         procs.start(name, "denoiser", "--models", "tiny-sd15", "--grace-period-s", "30")
     procs.wait(*names)
-    procs.start("orch-r", "orchestrator", *orchestrator_args(
-        mesh, denoiser_address=",".join(procs.address(n) for n in names)))
+    procs.start("orch-r", "orchestrator", *orchestrator_args(denoiser_address=",".join(procs.address(n) for n in names)))
     procs.wait("orch-r")
     return names
 
@@ -242,7 +228,7 @@ def test_sigkill_of_a_replica_under_load_loses_no_request(procs, replicas):
     load = Load(procs.address("orch-r"))
     try:
         load.wait_for(4)
-        procs.procs["den-r1"][0].kill()
+        procs.process("den-r1").kill()
         load.wait_for(len(load.responses) + 12)
     finally:
         load.stop()
@@ -251,7 +237,7 @@ def test_sigkill_of_a_replica_under_load_loses_no_request(procs, replicas):
 
 def test_sigterm_of_a_replica_under_load_fails_no_request(procs, replicas):
     load = Load(procs.address("orch-r"))
-    victim = procs.procs["den-r2"][0]
+    victim = procs.process("den-r2")
     try:
         load.wait_for(4)
         victim.send_signal(signal.SIGTERM)
@@ -260,3 +246,59 @@ def test_sigterm_of_a_replica_under_load_fails_no_request(procs, replicas):
         load.stop()
     assert victim.wait(30) == 0
     assert load.errors == []
+
+
+# --- the one retry layer -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def killable(procs):
+    names = ["den-k1", "den-k2"]
+    for name in names:
+        procs.start(name, "denoiser", "--models", "tiny-sd15")
+    procs.wait(*names)
+    procs.start("orch-k", "orchestrator", *orchestrator_args(denoiser_address=",".join(procs.address(n) for n in names)))
+    procs.wait("orch-k")
+    return names
+
+
+def test_a_replica_killed_mid_call_is_retried_once_on_another(procs, killable):
+    before = metric(procs.metrics("orch-k"), "diffmesh_stage_retries_total", stage="denoiser")
+    request = build_request("retry me", model="tiny-sd15", width=128, height=128, steps=80, guidance_scale=1.0, seed=11)
+    steps, result, victim = [], None, None
+    with MeshClient(procs.address("orch-k")) as client:
+        for event in client.generate_stream(request, timeout=120):
+            if event.HasField("progress"):
+                steps.append(event.progress.step)
+                if victim is None:  # the replica running this call is the one with a Denoise in flight
+                    busy = [n for n in killable if metric(procs.metrics(n), "diffmesh_grpc_in_flight_requests",
+                                                          method="/diffmesh.v1.Denoiser/Denoise") >= 1]
+                    assert len(busy) == 1, busy
+                    victim = busy[0]
+                    procs.process(victim).kill()
+            else:
+                result = event.result
+    assert victim is not None and result is not None and len(result.images) == 1
+    survivor = next(n for n in killable if n != victim)
+    served = [t for t in result.info.timings if t.stage == "denoiser"]
+    assert len(served) == 1 and procs.process(survivor).poll() is None
+    # Progress resumed where it left off: every step once, in order, after the retry repeated them.
+    assert steps == sorted(set(steps)) and steps[-1] == 80
+    assert metric(procs.metrics("orch-k"), "diffmesh_stage_retries_total", stage="denoiser") == before + 1
+
+
+# --- a stage's rejection, passed on by the orchestrator ------------------------------------------
+
+def test_a_stage_rejection_keeps_its_code_and_names_the_stage_and_field(procs):
+    procs.start("den-strict", "denoiser", "--models", "tiny-sd15", "--max-steps", "5")
+    procs.wait("den-strict")
+    procs.start("orch-s", "orchestrator", *orchestrator_args(denoiser_address=procs.address("den-strict")))
+    procs.wait("orch-s")
+    with MeshClient(procs.address("orch-s")) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(build_request("too many steps for this denoiser", **{**FAST, "steps": 9}), timeout=60)
+    error = info.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # the stage's code, not INTERNAL
+    assert error.details().startswith("denoiser: steps:"), error.details()
+    (violation,) = field_violations(error)
+    assert (violation.stage, violation.field, violation.value) == ("denoiser", "steps", "9")
+    assert "[1, 5]" in violation.reason

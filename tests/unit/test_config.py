@@ -78,8 +78,25 @@ def test_sources_combine_per_setting(tmp_path: Path) -> None:
     path = _yaml(tmp_path, "label: f\ncount: 1\nratio: 0.1\nmax-queue: 5\n")
     config = load_config(DemoConfig, ["--count", "3"],
                          environ={"DIFFMESH_CONFIG": str(path), "DIFFMESH_RATIO": "0.9",
-                                  "UNRELATED": "x", "DIFFMESH_UNKNOWN_THING": "ignored"})
+                                  "UNRELATED": "x"})
     assert (config.label, config.count, config.ratio, config.max_queue) == ("f", 3, 0.9, 5)
+
+
+def test_unknown_diffmesh_env_is_a_start_up_error_like_an_unknown_yaml_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(DemoConfig, [], environ={"DIFFMESH_MAX_QEUE": "3", "OTHER_MAX_QEUE": "x"})
+    message = str(info.value)
+    assert message.startswith("env DIFFMESH_MAX_QEUE: unknown setting") and "DIFFMESH_MAX_QUEUE" in message
+    # DIFFMESH_CONFIG names the file, and variables of other programs are none of our business.
+    assert load_config(DemoConfig, [], environ={"DIFFMESH_CONFIG": "", "HOME": "/"}) == DemoConfig()
+
+
+def test_a_setting_of_another_stage_in_the_environment_stops_the_start(clean_env, monkeypatch, capsys) -> None:
+    from services.vae.main import VaeStage, VaeConfig
+
+    monkeypatch.setenv("DIFFMESH_CACHE_SIZE", "10")  # the text_encoder's setting, not the vae's
+    assert run_stage(VaeStage, VaeConfig, []) == 2
+    assert "env DIFFMESH_CACHE_SIZE: unknown setting" in capsys.readouterr().err
 
 
 def test_config_flag_beats_config_env(tmp_path: Path) -> None:

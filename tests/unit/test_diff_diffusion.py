@@ -9,7 +9,8 @@ from diffmesh.models.schedulers import SCHEDULERS
 from diffmesh.errors import InvalidArgument
 from services.denoiser.masks import (change_map_from_grey, change_map_from_mask, free_masks, gaussian_blur,
                                      latent_change_map, step_thresholds)
-from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds
+from diffmesh.models.latent_space import seeded_generators
+from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser
 
 CPU = torch.device("cpu")
 
@@ -108,7 +109,7 @@ def make_job(denoiser, scheduler="euler", seeds=(1, 2), **changes):
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, 77, denoiser.cross_attention_dim, generator=gen)
     fields = dict(scheduler=SCHEDULERS[scheduler], steps=8, guidance_scale=5.0, width=64, height=64,
-                  conditioning=Conditioning(embeds, torch.zeros_like(embeds)), generators=generators_from_seeds(seeds),
+                  conditioning=Conditioning(embeds, torch.zeros_like(embeds)), generators=seeded_generators(seeds),
                   init_latents=INIT, strength=1.0, change_map=half_map())
     return DenoiseJob(**{**fields, **changes})
 
@@ -116,7 +117,7 @@ def make_job(denoiser, scheduler="euler", seeds=(1, 2), **changes):
 @pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m", "heun", "ddim", "pndm", "unipc", "lcm",
                                        "dpmpp_sde_karras"])
 def test_map_zero_keeps_the_original_exactly_and_map_one_regenerates(denoiser, scheduler):
-    out = denoiser.denoise(make_job(denoiser, scheduler))
+    out = denoiser.denoise([make_job(denoiser, scheduler)])[0]
     assert torch.equal(out[..., :4], INIT[..., :4])  # latent columns 0-3 <- pixel columns 0-31 (map 0)
     assert (out[..., 4:] - INIT[..., 4:]).abs().mean() > 0.5  # the map-1 half is regenerated
     assert torch.isfinite(out).all()
@@ -124,16 +125,16 @@ def test_map_zero_keeps_the_original_exactly_and_map_one_regenerates(denoiser, s
 
 def test_map_all_ones_is_plain_img2img(denoiser):
     for scheduler in ("euler", "heun", "dpmpp_2m"):
-        with_map = denoiser.denoise(make_job(denoiser, scheduler, change_map=torch.ones(2, 1, 64, 64)))
-        plain = denoiser.denoise(make_job(denoiser, scheduler, change_map=None))
+        with_map = denoiser.denoise([make_job(denoiser, scheduler, change_map=torch.ones(2, 1, 64, 64))])[0]
+        plain = denoiser.denoise([make_job(denoiser, scheduler, change_map=None)])[0]
         assert torch.equal(with_map, plain)
 
 
 def test_deterministic_per_seed_and_broadcast_over_the_batch(denoiser):
     graded = torch.linspace(0, 1, 64).expand(1, 1, 64, 64).contiguous()
-    first = denoiser.denoise(make_job(denoiser, change_map=graded))
-    again = denoiser.denoise(make_job(denoiser, change_map=graded.repeat(2, 1, 1, 1)))
-    other = denoiser.denoise(make_job(denoiser, seeds=(3, 4), change_map=graded))
+    first = denoiser.denoise([make_job(denoiser, change_map=graded)])[0]
+    again = denoiser.denoise([make_job(denoiser, change_map=graded.repeat(2, 1, 1, 1))])[0]
+    other = denoiser.denoise([make_job(denoiser, seeds=(3, 4), change_map=graded)])[0]
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     # More change where the map is higher: columns nearer the right drift further from the original.
@@ -143,13 +144,14 @@ def test_deterministic_per_seed_and_broadcast_over_the_batch(denoiser):
 
 def test_with_strength_the_map_scales_the_shortened_schedule(denoiser):
     steps = []
-    out = denoiser.denoise(make_job(denoiser, strength=0.5), on_step=lambda i, total, t: steps.append(total))
+    [out] = denoiser.denoise([make_job(denoiser, strength=0.5)],
+                             on_step=lambda _job, i, total, t: steps.append(total))
     assert steps == [4] * 4
     assert torch.equal(out[..., :4], INIT[..., :4])
 
 
 def test_custom_timesteps_with_a_change_map(denoiser):
-    out = denoiser.denoise(make_job(denoiser, "dpmpp_2m", steps=0, timesteps=[999, 700, 400, 150, 20]))
+    out = denoiser.denoise([make_job(denoiser, "dpmpp_2m", steps=0, timesteps=[999, 700, 400, 150, 20])])[0]
     assert torch.equal(out[..., :4], INIT[..., :4])
 
 

@@ -14,10 +14,14 @@ import yaml
 
 from diffmesh.models import clip_vocab
 from diffmesh.models.clip_vocab import ClipVocabError, write_clip_tokenizer
+from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import (
+    Kind,
+    ModelEntry,
     ModelError,
     ModelFamily,
     Registry,
+    RegistryItem,
     UnknownModelError,
     detect_family,
     write_registry,
@@ -297,3 +301,318 @@ def test_write_registry_refuses_to_clobber_bad_file(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="malformed"):
         write_registry(reg_file, {"x": "x"})
     assert reg_file.read_text() == "models: [unclosed\n"
+
+
+# --- registry kinds ----------------------------------------------------------------------------
+
+
+def _kinds_registry(tmp_path: Path, extra: str = "", face_path: str = "faces") -> Path:
+    """A pipeline, one entry of every other kind (existing paths unless ``face_path`` says
+    otherwise) and ``extra`` lines."""
+    _fake_model(tmp_path / "sd", "StableDiffusionPipeline")
+    (tmp_path / "faces").mkdir(exist_ok=True)
+    for name in ("photomaker.bin", "pixel.safetensors", "canny.safetensors", "ipa.bin", "policy.yaml"):
+        (tmp_path / name).write_bytes(b"x")
+    reg_file = tmp_path / "registry.yaml"
+    reg_file.write_text(
+        "models:\n"
+        "  sd: {path: sd}\n"
+        f"  faces: {{path: {face_path}, kind: face_analysis}}\n"
+        "  photomaker: {path: photomaker.bin, kind: identity_encoder}\n"
+        "  pixel: {path: pixel.safetensors, kind: lora, base: sd}\n"
+        "  canny: {path: canny.safetensors, kind: controlnet, base: sd}\n"
+        "  ipa: {path: ipa.bin, kind: ip_adapter, base: sd}\n"
+        "  policy: {path: policy.yaml, kind: safety_policy}\n" + extra
+    )
+    return reg_file
+
+
+def _load_error(tmp_path: Path, text: str) -> str:
+    _fake_model(tmp_path / "sd")
+    (tmp_path / "x.bin").write_bytes(b"x")
+    reg_file = tmp_path / "registry.yaml"
+    reg_file.write_text(text)
+    with pytest.raises(ModelError) as exc_info:
+        Registry.load(reg_file)
+    assert str(reg_file) in str(exc_info.value)
+    return str(exc_info.value)
+
+
+def test_kind_defaults_to_pipeline_and_explicit_pipeline_is_the_same(tmp_path: Path) -> None:
+    _fake_model(tmp_path / "a")
+    _fake_model(tmp_path / "b", "StableDiffusionXLPipeline")
+    reg_file = tmp_path / "registry.yaml"
+    reg_file.write_text("models:\n  a: {path: a}\n  b: {path: b, kind: pipeline}\n")
+    registry = Registry.load(reg_file)
+    a, b = registry.get("a"), registry.get("b")
+    assert (a.kind, a.base, a.family) == (Kind.PIPELINE, None, ModelFamily.SD15)
+    assert (b.kind, b.base, b.family) == (Kind.PIPELINE, None, ModelFamily.SDXL)
+    assert registry.kind_of("a") is Kind.PIPELINE
+
+
+def test_kind_is_a_str_enum_with_every_kind() -> None:
+    assert [k.value for k in Kind] == ["pipeline", "face_analysis", "identity_encoder", "lora",
+                                       "controlnet", "ip_adapter", "safety_policy"]
+    assert Kind.LORA == "lora"  # a str enum: compares equal to the registry file's spelling
+
+
+def test_every_kind_parses_with_family_only_for_pipelines(tmp_path: Path) -> None:
+    registry = Registry.load(_kinds_registry(tmp_path))
+    entries = {entry.id: entry for entry in registry.entries()}
+    root = tmp_path.resolve()
+    assert {i: (e.kind, e.base, e.family, e.path) for i, e in entries.items()} == {
+        "sd": (Kind.PIPELINE, None, ModelFamily.SD15, root / "sd"),
+        "faces": (Kind.FACE_ANALYSIS, None, None, root / "faces"),
+        "photomaker": (Kind.IDENTITY_ENCODER, None, None, root / "photomaker.bin"),
+        "pixel": (Kind.LORA, "sd", None, root / "pixel.safetensors"),
+        "canny": (Kind.CONTROLNET, "sd", None, root / "canny.safetensors"),
+        "ipa": (Kind.IP_ADAPTER, "sd", None, root / "ipa.bin"),
+        "policy": (Kind.SAFETY_POLICY, None, None, root / "policy.yaml"),
+    }
+    registry.verify()  # files and folders without model_index.json are fine for non-pipelines
+
+
+def test_unknown_kind_names_entry_value_and_known_kinds(tmp_path: Path) -> None:
+    message = _load_error(tmp_path, "models:\n  sd: {path: sd}\n  vae-x: {path: x.bin, kind: vae}\n")
+    assert "'vae-x'" in message and "'vae'" in message
+    assert all(kind.value in message for kind in Kind)
+
+
+def test_unknown_key_in_entry_is_an_error(tmp_path: Path) -> None:
+    message = _load_error(tmp_path, "models:\n  sd: {path: sd, famliy: sd15}\n")
+    assert "'sd'" in message and "famliy" in message
+
+
+@pytest.mark.parametrize("kind", ["lora", "controlnet", "ip_adapter"])
+def test_adapter_without_base_is_an_error(tmp_path: Path, kind: str) -> None:
+    message = _load_error(tmp_path, f"models:\n  sd: {{path: sd}}\n  ad: {{path: x.bin, kind: {kind}}}\n")
+    assert "'ad'" in message and "base" in message
+
+
+@pytest.mark.parametrize(
+    "base, why",
+    [("nope", "not in the registry"), ("faces", "face_analysis"), ("other", "lora")],
+)
+def test_adapter_base_must_be_a_pipeline_id(tmp_path: Path, base: str, why: str) -> None:
+    (tmp_path / "faces").mkdir()
+    message = _load_error(
+        tmp_path,
+        "models:\n  sd: {path: sd}\n  faces: {path: faces, kind: face_analysis}\n"
+        "  other: {path: x.bin, kind: lora, base: sd}\n"
+        f"  ad: {{path: x.bin, kind: lora, base: {base}}}\n",
+    )
+    assert "'ad'" in message and repr(base) in message and why in message
+    assert message.endswith("it must be a pipeline id: sd")  # the valid choices
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "face_analysis", "identity_encoder", "safety_policy"])
+def test_base_on_a_non_adapter_kind_is_an_error(tmp_path: Path, kind: str) -> None:
+    message = _load_error(tmp_path, f"models:\n  sd: {{path: sd}}\n  y: {{path: x.bin, kind: {kind}, base: sd}}\n")
+    assert "'y'" in message and "base" in message and kind in message
+
+
+@pytest.mark.parametrize("kind", ["face_analysis", "identity_encoder", "lora", "safety_policy"])
+def test_non_pipeline_missing_path_names_path(tmp_path: Path, kind: str) -> None:
+    _fake_model(tmp_path / "sd")
+    base = ", base: sd" if kind == "lora" else ""
+    reg_file = tmp_path / "registry.yaml"
+    reg_file.write_text(f"models:\n  sd: {{path: sd}}\n  m: {{path: gone.bin, kind: {kind}{base}}}\n")
+    registry = Registry.load(reg_file)  # listing must still work
+    missing = str(tmp_path.resolve() / "gone.bin")
+    with pytest.raises(ModelError) as exc_info:
+        registry.get("m")
+    assert missing in str(exc_info.value) and "'m'" in str(exc_info.value)
+    with pytest.raises(ModelError) as exc_info:
+        registry.verify()
+    assert missing in str(exc_info.value)
+
+
+def test_pipeline_kind_still_needs_a_diffusers_directory(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    reg_file = tmp_path / "registry.yaml"
+    reg_file.write_text("models:\n  p: {path: weights.bin, kind: pipeline}\n")
+    with pytest.raises(ModelError, match="directory") as exc_info:
+        Registry.load(reg_file).get("p")
+    assert str(tmp_path.resolve() / "weights.bin") in str(exc_info.value)
+
+
+def test_selection_by_kind_checks_only_the_selected(tmp_path: Path) -> None:
+    registry = Registry.load(_kinds_registry(tmp_path, face_path="unmounted/antelopev2"))
+    assert registry.ids() == ["canny", "faces", "ipa", "photomaker", "pixel", "policy", "sd"]
+    assert registry.ids(kinds=("pipeline",)) == ["sd"]
+    assert registry.ids(kinds="lora") == ["pixel"]  # one kind given bare
+    assert registry.ids(kinds=(Kind.LORA, "controlnet")) == ["canny", "pixel"]
+    assert registry.ids(kinds=()) == []
+    # The missing face pack does not concern a pipeline stage ...
+    registry.verify(kinds=("pipeline",))
+    registry.verify(kinds=("lora", "identity_encoder"))
+    assert [e.id for e in registry.entries(kinds=("pipeline",))] == ["sd"]
+    # ... but does stop anything that checks it.
+    missing = str(tmp_path.resolve() / "unmounted" / "antelopev2")
+    for kinds in (None, ("face_analysis",)):
+        with pytest.raises(ModelError) as exc_info:
+            registry.verify(kinds=kinds)
+        assert missing in str(exc_info.value)
+    with pytest.raises(ModelError, match="unmounted"):
+        registry.entries()
+
+
+def test_selection_with_an_unknown_kind_is_an_error(tmp_path: Path) -> None:
+    registry = Registry.load(_kinds_registry(tmp_path))
+    with pytest.raises(ModelError) as exc_info:
+        registry.ids(kinds=("pipelines",))
+    assert "'pipelines'" in str(exc_info.value) and "face_analysis" in str(exc_info.value)
+
+
+# --- model pool --------------------------------------------------------------------------------
+
+
+def _recording_factory(seen: list[ModelEntry]):
+    def factory(entry: ModelEntry) -> str:
+        seen.append(entry)
+        return f"loaded:{entry.id}"
+    return factory
+
+
+def test_pool_default_kinds_load_only_pipelines(tmp_path: Path) -> None:
+    # The call diffmesh.runtime.stage made before kinds existed: it must keep loading pipelines
+    # and must not trip over the unmounted face pack.
+    reg_file = _kinds_registry(tmp_path, face_path="unmounted")
+    seen: list[ModelEntry] = []
+    pool: ModelPool[str] = ModelPool()
+    pool.load(reg_file, [], _recording_factory(seen))
+    assert pool.ids() == ["sd"]
+    assert pool.get("sd") == "loaded:sd"
+    assert [(e.id, e.family) for e in seen] == [("sd", ModelFamily.SD15)]
+
+
+def test_pool_loads_every_entry_of_the_given_kinds(tmp_path: Path) -> None:
+    reg_file = _kinds_registry(tmp_path)
+    seen: list[ModelEntry] = []
+    pool: ModelPool[str] = ModelPool()
+    pool.load(reg_file, [], _recording_factory(seen), kinds=("face_analysis", "identity_encoder"))
+    assert pool.ids() == ["faces", "photomaker"]
+    assert {e.kind for e in seen} == {Kind.FACE_ANALYSIS, Kind.IDENTITY_ENCODER}
+
+
+def test_pool_loading_no_kinds_loads_nothing(tmp_path: Path) -> None:
+    pool: ModelPool[str] = ModelPool()
+    pool.load(_kinds_registry(tmp_path), [], _recording_factory([]), kinds=())
+    assert pool.ids() == []
+
+
+def test_pool_refuses_an_explicit_id_of_another_kind_before_loading_any(tmp_path: Path) -> None:
+    reg_file = _kinds_registry(tmp_path)
+    seen: list[ModelEntry] = []
+    with pytest.raises(ModelError) as exc_info:
+        ModelPool().load(reg_file, ["sd", "faces"], _recording_factory(seen), kinds=("pipeline",))
+    message = str(exc_info.value)
+    assert "'faces'" in message and "does not load face_analysis" in message and "pipeline" in message
+    assert seen == []  # checked before the (slow) loads start
+
+
+def test_pool_explicit_ids_of_the_right_kind(tmp_path: Path) -> None:
+    reg_file = _kinds_registry(tmp_path, face_path="unmounted")
+    pool: ModelPool[str] = ModelPool()
+    pool.load(reg_file, ["pixel"], _recording_factory([]), kinds=("lora",))
+    assert pool.ids() == ["pixel"]
+    with pytest.raises(UnknownModelError, match="'nope'"):
+        ModelPool().load(reg_file, ["nope"], _recording_factory([]))
+
+
+def test_pool_selected_missing_path_is_a_load_error_naming_it(tmp_path: Path) -> None:
+    reg_file = _kinds_registry(tmp_path, face_path="unmounted")
+    with pytest.raises(ModelError) as exc_info:
+        ModelPool().load(reg_file, [], _recording_factory([]), kinds=("face_analysis",))
+    assert str(tmp_path.resolve() / "unmounted") in str(exc_info.value)
+
+
+# --- write_registry with kinds, catalog, CLI -------------------------------------------------------
+
+
+def test_write_registry_keeps_other_entries_kind_and_base(tmp_path: Path) -> None:
+    reg_file = _kinds_registry(tmp_path)
+    before = yaml.safe_load(reg_file.read_text())["models"]
+    _fake_model(tmp_path / "sd2")
+    write_registry(reg_file, {"sd2": tmp_path / "sd2"})
+    after = yaml.safe_load(reg_file.read_text())["models"]
+    assert after == {**before, "sd2": {"path": "sd2"}}
+    registry = Registry.load(reg_file)
+    assert registry.get("pixel").kind is Kind.LORA and registry.get("pixel").base == "sd"
+    assert registry.kind_of("faces") is Kind.FACE_ANALYSIS
+
+
+def test_write_registry_items_with_kind_and_base(tmp_path: Path) -> None:
+    reg_file = tmp_path / "registry.yaml"
+    _fake_model(tmp_path / "sd")
+    (tmp_path / "pixel.safetensors").write_bytes(b"x")
+    write_registry(reg_file, {
+        "sd": RegistryItem(tmp_path / "sd"),
+        "pixel": RegistryItem(tmp_path / "pixel.safetensors", kind="lora", base="sd"),
+        "faces": RegistryItem("/mnt/faces", kind=Kind.FACE_ANALYSIS),
+    })
+    assert yaml.safe_load(reg_file.read_text())["models"] == {
+        "faces": {"path": "/mnt/faces", "kind": "face_analysis"},
+        "pixel": {"path": "pixel.safetensors", "kind": "lora", "base": "sd"},
+        "sd": {"path": "sd"},  # the default kind is not written: old readers see the old format
+    }
+    assert Registry.load(reg_file).get("pixel").base == "sd"
+
+
+def test_write_registry_refuses_a_merge_that_would_not_load(tmp_path: Path) -> None:
+    reg_file = _kinds_registry(tmp_path)
+    before = reg_file.read_text()
+    with pytest.raises(ModelError, match="'nope'"):
+        write_registry(reg_file, {"bad": RegistryItem("x.bin", kind="lora", base="nope")})
+    with pytest.raises(ModelError, match="'vae'"):
+        write_registry(reg_file, {"bad": RegistryItem("x.bin", kind="vae")})
+    # Replacing the adapters' base with a non-pipeline would orphan them.
+    with pytest.raises(ModelError, match="base 'sd' is a face_analysis entry"):
+        write_registry(reg_file, {"sd": RegistryItem("faces", kind="face_analysis")})
+    assert reg_file.read_text() == before
+
+
+def test_catalog_reads_only_pipelines(tiny_root: Path, tmp_path: Path) -> None:
+    from services.orchestrator.plan import ModelCatalog
+
+    reg_file = tmp_path / "registry.yaml"
+    (tmp_path / "pixel.safetensors").write_bytes(b"x")
+    reg_file.write_text(
+        "models:\n"
+        f"  {SD15_ID}: {{path: {tiny_root / SD15_ID}}}\n"
+        f"  {SDXL_ID}: {{path: {tiny_root / SDXL_ID}, kind: pipeline}}\n"
+        "  faces: {path: not-mounted, kind: face_analysis}\n"  # missing: must not matter here
+        f"  pixel: {{path: pixel.safetensors, kind: lora, base: {SDXL_ID}}}\n"
+        "  policy: {path: policy.yaml, kind: safety_policy}\n"  # missing too
+    )
+    catalog = ModelCatalog.load(reg_file)
+    assert catalog.ids() == [SD15_ID, SDXL_ID]
+    assert catalog.get("pixel") is None and catalog.get("faces") is None
+
+
+def test_models_list_prints_id_kind_base_and_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from diffmesh.cli.main import main
+
+    reg_file = _kinds_registry(tmp_path, face_path="unmounted")  # listing never checks disk
+    assert main(["models", "list", "--registry", str(reg_file)]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    root = tmp_path.resolve()
+    assert rows == [
+        ["canny", "controlnet", "sd", str(root / "canny.safetensors")],
+        ["faces", "face_analysis", str(root / "unmounted")],
+        ["ipa", "ip_adapter", "sd", str(root / "ipa.bin")],
+        ["photomaker", "identity_encoder", str(root / "photomaker.bin")],
+        ["pixel", "lora", "sd", str(root / "pixel.safetensors")],
+        ["policy", "safety_policy", str(root / "policy.yaml")],
+        ["sd", "pipeline", str(root / "sd")],
+    ]
+
+
+def test_models_list_bad_registry_exits_1_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from diffmesh.cli.main import main
+
+    reg_file = tmp_path / "registry.yaml"
+    reg_file.write_text("models:\n  a: {path: a, kind: nope}\n")
+    assert main(["models", "list", "--registry", str(reg_file)]) == 1
+    err = capsys.readouterr().err
+    assert str(reg_file) in err and "'nope'" in err

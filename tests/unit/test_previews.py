@@ -8,7 +8,8 @@ import torch
 from diffmesh.models.registry import ModelFamily, Registry
 from diffmesh.models.schedulers import SCHEDULERS, build_scheduler
 from services.denoiser.previews import LATENT_RGB_FACTORS, latents_to_rgb, predicted_x0
-from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds
+from diffmesh.models.latent_space import seeded_generators
+from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser
 
 CPU = torch.device("cpu")
 
@@ -43,7 +44,7 @@ def make_job(denoiser, scheduler="euler", **changes):
         cond.pooled_prompt_embeds = torch.randn(1, denoiser.pooled_dim, generator=gen)
         cond.negative_pooled_prompt_embeds = torch.randn(1, denoiser.pooled_dim, generator=gen)
     fields = dict(scheduler=SCHEDULERS[scheduler], steps=8, guidance_scale=5.0, width=64, height=48,
-                  conditioning=cond, generators=generators_from_seeds([5, 6]))
+                  conditioning=cond, generators=seeded_generators([5, 6]))
     return DenoiseJob(**{**fields, **changes})
 
 
@@ -52,9 +53,9 @@ def make_job(denoiser, scheduler="euler", **changes):
 def test_previews_never_change_the_latents(models, family, scheduler):
     denoiser = models[family]
     previews = []
-    on = denoiser.denoise(make_job(denoiser, scheduler, preview_every=2),
-                          on_preview=lambda step, total, images: previews.append((step, total, images)))
-    off = denoiser.denoise(make_job(denoiser, scheduler))
+    on = denoiser.denoise([make_job(denoiser, scheduler, preview_every=2)],
+                          on_preview=lambda _job, step, total, images: previews.append((step, total, images)))[0]
+    off = denoiser.denoise([make_job(denoiser, scheduler)])[0]
     assert torch.equal(on, off)
     total = 15 if scheduler == "heun" else 8  # Heun: 2 UNet calls a step but the last
     assert [(step, t) for step, t, _ in previews] == [(s, total) for s in range(2, total + 1, 2)]
@@ -65,15 +66,16 @@ def test_previews_never_change_the_latents(models, family, scheduler):
 def test_no_callback_or_zero_interval_means_no_previews(models):
     denoiser = models[ModelFamily.SD15]
     calls = []
-    denoiser.denoise(make_job(denoiser, preview_every=0), on_preview=lambda *args: calls.append(args))
-    denoiser.denoise(make_job(denoiser, preview_every=1))  # no callback: nothing computed, nothing fails
+    denoiser.denoise([make_job(denoiser, preview_every=0)], on_preview=lambda *args: calls.append(args))
+    denoiser.denoise([make_job(denoiser, preview_every=1)])  # no callback: nothing computed, nothing fails
     assert calls == []
 
 
 def test_last_preview_is_the_final_image_for_euler(models):
     denoiser = models[ModelFamily.SD15]
     previews = []
-    latents = denoiser.denoise(make_job(denoiser, preview_every=8), on_preview=lambda s, t, img: previews.append(img))
+    [latents] = denoiser.denoise([make_job(denoiser, preview_every=8)],
+                                 on_preview=lambda _job, s, t, img: previews.append(img))
     assert len(previews) == 1
     diff = np.abs(previews[0].astype(int) - latents_to_rgb(latents, ModelFamily.SD15).astype(int))
     assert diff.max() <= 1  # Euler's last step lands on its x0 prediction
@@ -105,8 +107,9 @@ def test_previews_with_a_change_map_show_the_frozen_region_as_the_original(model
     change_map[..., 32:] = 1.0
     previews = []
     job = make_job(denoiser, "dpmpp_2m", init_latents=init, change_map=change_map, preview_every=1)
-    on = denoiser.denoise(job, on_preview=lambda s, t, img: previews.append(img))
-    assert torch.equal(on, denoiser.denoise(make_job(denoiser, "dpmpp_2m", init_latents=init, change_map=change_map)))
+    on = denoiser.denoise([job], on_preview=lambda _job, s, t, img: previews.append(img))[0]
+    [off] = denoiser.denoise([make_job(denoiser, "dpmpp_2m", init_latents=init, change_map=change_map)])
+    assert torch.equal(on, off)
     original = latents_to_rgb(init, ModelFamily.SD15)
     for images in previews:
         assert np.array_equal(images[:, :, :4], original[:, :, :4])

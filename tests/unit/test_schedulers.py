@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from diffmesh.models.registry import Registry
 from diffmesh.models.schedulers import (SCHEDULERS, SIGMA_SCHEDULES, build_scheduler, list_schedulers,
                                         lookup_scheduler, require_scheduler, scheduler_names, scheduler_overrides)
 from diffmesh.errors import InvalidArgument
-from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds
+from diffmesh.models.latent_space import seeded_generators
+from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-5
@@ -53,7 +53,7 @@ class Model:
 
     def job(self, scheduler="euler", seeds=(11, 12), **changes) -> DenoiseJob:
         fields = dict(scheduler=SCHEDULERS[scheduler], steps=6, guidance_scale=5.0, width=64, height=64,
-                      conditioning=self.cond, generators=generators_from_seeds(seeds))
+                      conditioning=self.cond, generators=seeded_generators(seeds))
         return DenoiseJob(**{**fields, **changes})
 
     def reference(self, class_name, overrides, seeds=(11, 12), steps=6, guidance_scale=5.0, width=64, height=64,
@@ -65,14 +65,8 @@ class Model:
             embeds.update(pooled_prompt_embeds=cond.pooled_prompt_embeds,
                           negative_pooled_prompt_embeds=cond.negative_pooled_prompt_embeds)
         return self.pipe(**embeds, num_inference_steps=steps, guidance_scale=guidance_scale, width=width,
-                         height=height, num_images_per_prompt=len(seeds), generator=generators_from_seeds(seeds),
+                         height=height, num_images_per_prompt=len(seeds), generator=seeded_generators(seeds),
                          output_type="latent", **kwargs).images
-
-
-@pytest.fixture(scope="module")
-def entries(registry):
-    loaded = Registry.load(registry)
-    return {model_id: loaded.get(model_id) for model_id in loaded.ids()}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +90,7 @@ def test_reference_table_covers_every_name():
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_sd15_scheduler_equals_the_pipeline(sd15, name):
-    got = sd15.denoiser.denoise(sd15.job(name))
+    got = sd15.denoiser.denoise([sd15.job(name)])[0]
     want = sd15.reference(*REFERENCE[name])
     assert_same(got, want)
     assert not torch.equal(got[0], got[1])  # per-image generators: two different images
@@ -104,7 +98,7 @@ def test_sd15_scheduler_equals_the_pipeline(sd15, name):
 
 @pytest.mark.parametrize("name", ["euler_a", "heun", "dpmpp_sde_karras", "unipc", "lcm"])
 def test_sdxl_scheduler_equals_the_pipeline(sdxl, name):
-    assert_same(sdxl.denoiser.denoise(sdxl.job(name)), sdxl.reference(*REFERENCE[name]))
+    assert_same(sdxl.denoiser.denoise([sdxl.job(name)])[0], sdxl.reference(*REFERENCE[name]))
 
 
 @pytest.mark.parametrize("name,spacing,sigmas", [
@@ -124,26 +118,26 @@ def test_options_equal_the_pipeline_with_the_config_override(sd15, name, spacing
         overrides["timestep_spacing"] = spacing
     if sigmas:
         overrides.update(use_karras_sigmas=sigmas == "karras", use_exponential_sigmas=sigmas == "exponential")
-    got = sd15.denoiser.denoise(sd15.job(name, timestep_spacing=spacing, sigma_schedule=sigmas))
+    got = sd15.denoiser.denoise([sd15.job(name, timestep_spacing=spacing, sigma_schedule=sigmas)])[0]
     assert_same(got, sd15.reference(class_name, overrides))
-    plain = sd15.denoiser.denoise(sd15.job(name))
+    plain = sd15.denoiser.denoise([sd15.job(name)])[0]
     if (spacing, sigmas) != ("linspace", "karras"):  # dpmpp_2m_karras: karras ignores the spacing
         assert not torch.equal(got, plain)  # the option did something
 
 
 def test_guidance_rescale_equals_the_pipeline(sd15, sdxl):
     for model in (sd15, sdxl):
-        got = model.denoiser.denoise(model.job("euler", guidance_rescale=0.7))
+        got = model.denoiser.denoise([model.job("euler", guidance_rescale=0.7)])[0]
         assert_same(got, model.reference(*REFERENCE["euler"], guidance_rescale=0.7))
-        assert not torch.equal(got, model.denoiser.denoise(model.job("euler")))
+        assert not torch.equal(got, model.denoiser.denoise([model.job("euler")])[0])
 
 
 def test_guidance_at_most_one_skips_the_unconditional_pass(sd15):
     batches = []
     handle = sd15.denoiser.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
-        got = sd15.denoiser.denoise(sd15.job("euler", guidance_scale=1.0,
-                                             conditioning=Conditioning(sd15.cond.prompt_embeds)))
+        got = sd15.denoiser.denoise([sd15.job("euler", guidance_scale=1.0,
+                                              conditioning=Conditioning(sd15.cond.prompt_embeds))])[0]
     finally:
         handle.remove()
     assert batches == [2] * 6  # two images, no negatives
@@ -151,10 +145,10 @@ def test_guidance_at_most_one_skips_the_unconditional_pass(sd15):
 
 
 def test_sde_scheduler_is_deterministic_per_seed_and_per_image(sd15):
-    first = sd15.denoiser.denoise(sd15.job("dpmpp_sde_karras", seeds=(3, 4)))
-    again = sd15.denoiser.denoise(sd15.job("dpmpp_sde_karras", seeds=(3, 4)))
-    single = sd15.denoiser.denoise(sd15.job("dpmpp_sde_karras", seeds=(4,)))
-    other = sd15.denoiser.denoise(sd15.job("dpmpp_sde_karras", seeds=(5,)))
+    first = sd15.denoiser.denoise([sd15.job("dpmpp_sde_karras", seeds=(3, 4))])[0]
+    again = sd15.denoiser.denoise([sd15.job("dpmpp_sde_karras", seeds=(3, 4))])[0]
+    single = sd15.denoiser.denoise([sd15.job("dpmpp_sde_karras", seeds=(4,))])[0]
+    other = sd15.denoiser.denoise([sd15.job("dpmpp_sde_karras", seeds=(5,))])[0]
     assert torch.equal(first, again)
     # Image i of a batch is that seed alone, up to float rounding (the UNet's batch size changes
     # summation order: Euler shows the same ~1e-4 relative difference).

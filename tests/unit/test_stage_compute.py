@@ -8,20 +8,15 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from diffmesh.models.registry import Registry
 from diffmesh.models.schedulers import SCHEDULERS
 from diffmesh.errors import Cancelled, InvalidArgument
-from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds, img2img_steps
+from diffmesh.models.latent_space import (generators_from_states, read_vae_scale_factor, seeded_generators,
+                                          vae_scale_factor)
+from services.denoiser.sampler import Conditioning, DenoiseJob, JobLimits, UNetDenoiser, img2img_steps
 from services.text_encoder.encoder import ClipPromptEncoder, EmbeddingCache, PromptEmbeddings
 from services.vae.autoencoder import LatentImageCodec
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def entries(registry):
-    loaded = Registry.load(registry)
-    return {model_id: loaded.get(model_id) for model_id in loaded.ids()}
 
 
 def test_sd15_prompt_embeddings_equal_the_pipelines(entries):
@@ -67,14 +62,14 @@ def denoiser(entries):
 def job(denoiser_model, steps=6, **changes):
     embeds = torch.zeros(1, 77, denoiser_model.cross_attention_dim)
     fields = dict(scheduler=SCHEDULERS["euler"], steps=steps, guidance_scale=5.0, width=64, height=64,
-                  conditioning=Conditioning(embeds, embeds), generators=generators_from_seeds([1, 2]))
+                  conditioning=Conditioning(embeds, embeds), generators=seeded_generators([1, 2]))
     return DenoiseJob(**{**fields, **changes})
 
 
 def test_denoise_reports_every_step_and_is_deterministic(denoiser):
     steps = []
-    first = denoiser.denoise(job(denoiser), on_step=lambda i, total, t: steps.append((i, total)))
-    again = denoiser.denoise(job(denoiser))
+    first = denoiser.denoise([job(denoiser)], on_step=lambda _job, i, total, t: steps.append((i, total)))[0]
+    again = denoiser.denoise([job(denoiser)])[0]
     assert steps == [(i, 6) for i in range(1, 7)]
     assert first.shape == (2, 4, 8, 8) and torch.equal(first, again)
 
@@ -82,19 +77,19 @@ def test_denoise_reports_every_step_and_is_deterministic(denoiser):
 def test_cancel_stops_the_loop_between_steps(denoiser):
     cancel = threading.Event()
 
-    def on_step(step, total, timestep):
+    def on_step(_job, step, total, timestep):
         if step == 3:
             cancel.set()
 
     with pytest.raises(Cancelled, match="after 3 of 20 steps"):
-        denoiser.denoise(job(denoiser, steps=20), on_step=on_step, cancel=cancel)
+        denoiser.denoise([job(denoiser, steps=20)], on_step=on_step, cancel=cancel)
 
 
 def test_img2img_runs_strength_times_steps(denoiser):
     init = torch.zeros(2, 4, 8, 8)
     calls = []
-    denoiser.denoise(job(denoiser, steps=10, init_latents=init, strength=0.35),
-                     on_step=lambda i, total, t: calls.append(total))
+    denoiser.denoise([job(denoiser, steps=10, init_latents=init, strength=0.35)],
+                     on_step=lambda _job, i, total, t: calls.append(total))
     assert calls == [3, 3, 3] and img2img_steps(10, 0.35) == 3
 
 
@@ -103,7 +98,15 @@ def test_img2img_runs_strength_times_steps(denoiser):
     (dict(init_latents=torch.zeros(1, 4, 8, 8), strength=0.5), "init_latents.shape"),
     (dict(init_latents=torch.zeros(2, 4, 8, 8), strength=0.05), "strength"),
     (dict(conditioning=Conditioning(torch.zeros(1, 77, 32), None)), "negative_prompt_embeds"),
-    (dict(conditioning=Conditioning(torch.zeros(2, 77, 32), torch.zeros(2, 77, 32))), "prompt_embeds.shape"),
+    # Two images: the conditioning's first dimension must be 1 (broadcast) or 2 (one row each).
+    (dict(conditioning=Conditioning(torch.zeros(3, 77, 32), torch.zeros(3, 77, 32))), "prompt_embeds.shape"),
+    (dict(conditioning=Conditioning(torch.zeros(77, 32), torch.zeros(77, 32))), "prompt_embeds.shape"),
+    (dict(conditioning=Conditioning(torch.zeros(2, 77, 32), torch.zeros(3, 77, 32))), "negative_prompt_embeds.shape"),
+    (dict(conditioning=Conditioning(torch.zeros(2, 154, 32), torch.zeros(1, 77, 32))),
+     "negative_prompt_embeds.shape"),  # the negative needs the prompt's sequence length
+    (dict(generators=[]), "seeds"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
     (dict(steps=0), "steps"),
     (dict(guidance_rescale=1.5), "guidance_rescale"),
     (dict(guidance_rescale=float("nan")), "guidance_rescale"),
@@ -120,18 +123,59 @@ def test_check_job_names_the_field(denoiser, changes, field):
     assert info.value.field == field
 
 
+def test_per_image_and_broadcast_conditioning_are_accepted(denoiser):
+    per_image = Conditioning(torch.zeros(2, 154, 32), torch.zeros(1, 154, 32))  # shared negative
+    assert denoiser.check_job(job(denoiser, conditioning=per_image)).job.conditioning is per_image
+    unguided = Conditioning(torch.zeros(2, 77, 32))  # no negative needed without guidance
+    assert denoiser.check_job(job(denoiser, conditioning=unguided, guidance_scale=1.0)).timesteps.numel() == 6
+
+
+@pytest.mark.parametrize("limits,changes,field", [
+    (JobLimits(max_batch=1), {}, "seeds"),
+    (JobLimits(max_steps=5), {}, "steps"),
+    (JobLimits(max_steps=1), dict(steps=0, timesteps=[900, 500]), "timesteps"),
+])
+def test_serving_limits_are_checked_with_the_job(denoiser, limits, changes, field):
+    with pytest.raises(InvalidArgument) as info:
+        denoiser.check_job(job(denoiser, **changes), limits)
+    assert info.value.field == field
+    denoiser.check_job(job(denoiser, **changes), JobLimits(max_steps=6, max_batch=2))  # at the limits: fine
+
+
 def test_vae_round_trip_and_seeded_posterior_sampling(entries):
     vae = LatentImageCodec(entries["tiny-sd15"], CPU, torch.float32)
     pixels = np.random.default_rng(0).integers(0, 255, (1, 40, 48, 3), dtype=np.uint8)
-    gens = generators_from_seeds([5, 5, 6])
+    gens = seeded_generators([5, 5, 6])
     latents = vae.encode(pixels, 0, 0, sample=True, generators=gens)
     assert latents.shape == (3, 4, 5, 6)
     assert torch.equal(latents[0], latents[1]) and not torch.equal(latents[0], latents[2])
-    mode = vae.encode(pixels, 0, 0, sample=False, generators=generators_from_seeds([5]))
+    mode = vae.encode(pixels, 0, 0, sample=False, generators=seeded_generators([5]))
     assert not torch.equal(mode[0], latents[0])
     images = vae.decode(latents)
     assert images.shape == (3, 40, 48, 3) and images.dtype == np.uint8
-    resized = vae.encode(pixels, 64, 32, sample=False, generators=generators_from_seeds([1]))
+    resized = vae.encode(pixels, 64, 32, sample=False, generators=seeded_generators([1]))
     assert resized.shape == (1, 4, 4, 8)
     with pytest.raises(InvalidArgument):
         vae.decode(torch.zeros(1, 3, 4, 4))
+
+
+def test_seeded_generators_are_cpu_streams_that_states_continue():
+    first, second = seeded_generators([7, 2**64 - 1])  # uint64 seeds, as the protos carry them
+    assert first.device.type == "cpu" and first.initial_seed() == 7 and second.initial_seed() == 2**64 - 1
+    assert torch.equal(torch.randn(3, generator=first), torch.randn(3, generator=torch.Generator().manual_seed(7)))
+    states = torch.stack([first.get_state(), second.get_state()])
+    continued = generators_from_states(states)
+    assert torch.equal(torch.randn(4, generator=continued[0]), torch.randn(4, generator=first))
+    assert torch.equal(torch.randn(4, generator=continued[1]), torch.randn(4, generator=second))
+    with pytest.raises(RuntimeError):
+        generators_from_states(torch.zeros(1, 16, dtype=torch.uint8))
+
+
+def test_vae_scale_factor_from_a_config_or_its_channels(entries):
+    assert vae_scale_factor([128, 256, 512, 512]) == 8 and vae_scale_factor({"block_out_channels": [64]}) == 1
+    with pytest.raises(ValueError):
+        vae_scale_factor([])
+    for entry in entries.values():
+        from_file = read_vae_scale_factor(entry)
+        assert from_file == LatentImageCodec(entry, CPU, torch.float32).scale_factor  # diffusers' FrozenDict config
+        assert from_file == UNetDenoiser(entry, CPU, torch.float32).vae_scale_factor

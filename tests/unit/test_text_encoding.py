@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from diffmesh.models.registry import Registry
 from diffmesh.errors import InvalidArgument
 from services.text_encoder.encoder import ClipPromptEncoder
 from services.text_encoder.prompt_weighting import apply_weights
@@ -14,12 +13,6 @@ from services.text_encoder.prompt_weighting import apply_weights
 CPU = torch.device("cpu")
 UNWEIGHTED = ["a photo of a cat", "", "   ", "a cat, 4k: hdr \\ sharp", "BREAKfast", "cat " * 75]
 LONG = "cat " * 150 + "dog " * 50          # 200 tokens: windows of 75, 75, 50
-
-
-@pytest.fixture(scope="module")
-def entries(registry):
-    loaded = Registry.load(registry)
-    return {model_id: loaded.get(model_id) for model_id in loaded.ids()}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffmesh.models.registry import Registry
 from diffmesh.models.schedulers import SCHEDULERS
 from diffmesh.errors import InvalidArgument
-from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser, generators_from_seeds
+from diffmesh.models.latent_space import seeded_generators
+from services.denoiser.sampler import Conditioning, DenoiseJob, UNetDenoiser
 from diffmesh.models.timesteps import (FACE_DETAIL_ANCHORS, interpolate_timesteps, max_interpolated_steps,
                                          validate_timesteps)
 
@@ -117,7 +118,7 @@ def sd15(registry):
 def make_job(sd15, scheduler, **changes):
     denoiser, _, cond = sd15
     fields = dict(scheduler=SCHEDULERS[scheduler], steps=0, guidance_scale=4.0, width=64, height=64,
-                  conditioning=cond, generators=generators_from_seeds([21, 22]), timesteps=CUSTOM)
+                  conditioning=cond, generators=seeded_generators([21, 22]), timesteps=CUSTOM)
     return DenoiseJob(**{**fields, **changes})
 
 
@@ -127,7 +128,7 @@ def reference(sd15, pipe_cls, scheduler, **kwargs):
     spec = SCHEDULERS[scheduler]
     pipe.scheduler = getattr(diffusers, spec.class_name).from_config(pipe.scheduler.config, **dict(spec.overrides))
     return pipe(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=cond.negative_prompt_embeds,
-                guidance_scale=4.0, num_images_per_prompt=2, generator=generators_from_seeds([21, 22]),
+                guidance_scale=4.0, num_images_per_prompt=2, generator=seeded_generators([21, 22]),
                 output_type="latent", **kwargs).images
 
 
@@ -138,22 +139,24 @@ def close(a, b):
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m", "heun", "lcm"])
 def test_custom_timesteps_equal_the_pipeline(sd15, scheduler):
     denoiser = sd15[0]
-    got = denoiser.denoise(make_job(sd15, scheduler))
+    got = denoiser.denoise([make_job(sd15, scheduler)])[0]
     want = reference(sd15, StableDiffusionPipeline, scheduler, timesteps=CUSTOM, width=64, height=64)
     assert close(got, want)
-    assert not torch.equal(got, denoiser.denoise(make_job(sd15, scheduler, timesteps=None, steps=len(CUSTOM))))
+    [plain] = denoiser.denoise([make_job(sd15, scheduler, timesteps=None, steps=len(CUSTOM))])
+    assert not torch.equal(got, plain)
 
 
 def test_steps_are_reported_over_the_custom_schedule(sd15):
     calls = []
-    sd15[0].denoise(make_job(sd15, "euler", steps=len(CUSTOM)), on_step=lambda i, total, t: calls.append((i, t)))
+    sd15[0].denoise([make_job(sd15, "euler", steps=len(CUSTOM))],
+                    on_step=lambda _job, i, total, t: calls.append((i, t)))
     assert calls == [(i + 1, float(t)) for i, t in enumerate(CUSTOM)]
 
 
 def test_face_detail_schedule_in_img2img_equals_the_pipeline(sd15):
     schedule = interpolate_timesteps(12)
     init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    got = sd15[0].denoise(make_job(sd15, "dpmpp_2m", timesteps=schedule, init_latents=init, strength=0.5))
+    got = sd15[0].denoise([make_job(sd15, "dpmpp_2m", timesteps=schedule, init_latents=init, strength=0.5)])[0]
     want = reference(sd15, StableDiffusionImg2ImgPipeline, "dpmpp_2m", image=init, strength=0.5, timesteps=schedule)
     assert close(got, want)
 

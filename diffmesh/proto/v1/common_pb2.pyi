@@ -43,7 +43,7 @@ class StageUsage(_message.Message):
     def __init__(self, compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., device: _Optional[str] = ..., variant: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "wall_ms", "compute_ms", "variant", "queue_ms", "bytes_sent", "bytes_received", "device", "instance_id")
+    __slots__ = ("stage", "wall_ms", "compute_ms", "variant", "queue_ms", "bytes_sent", "bytes_received", "device", "instance_id", "phase")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class StageTiming(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     stage: str
     wall_ms: float
     compute_ms: float
@@ -62,7 +63,8 @@ class StageTiming(_message.Message):
     bytes_received: int
     device: str
     instance_id: str
-    def __init__(self, stage: _Optional[str] = ..., wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., variant: _Optional[str] = ..., queue_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., device: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    phase: str
+    def __init__(self, stage: _Optional[str] = ..., wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., variant: _Optional[str] = ..., queue_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., device: _Optional[str] = ..., instance_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class RequestCost(_message.Message):
     __slots__ = ("device_seconds", "queue_seconds", "bytes_moved")

@@ -45,8 +45,9 @@ class DenoiserServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Denoise(self, request, context):
-        """Runs every step for a batch of images. Streams one Progress per step, then one Result.
-        Cancelling the call stops the loop at the next step.
+        """Runs every step for one job of n images (n = number of seeds or generator states), each
+        with its own random stream and, optionally, its own conditioning row. Streams one Progress per
+        step, then one Result. Cancelling the call stops the loop at the next step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

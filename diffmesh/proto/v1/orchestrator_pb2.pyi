@@ -116,16 +116,18 @@ class GenerateResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., info: _Optional[_Union[GenerationInfo, _Mapping]] = ...) -> None: ...
 
 class StepProgress(_message.Message):
-    __slots__ = ("step", "total_steps", "elapsed_ms", "previews")
+    __slots__ = ("step", "total_steps", "elapsed_ms", "previews", "phase")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
     PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     elapsed_ms: float
     previews: _containers.RepeatedCompositeFieldContainer[_common_pb2.EncodedImage]
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_ms: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_common_pb2.EncodedImage, _Mapping]]] = ...) -> None: ...
+    phase: str
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_ms: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_common_pb2.EncodedImage, _Mapping]]] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("progress", "result")

@@ -15,14 +15,36 @@ Names. Resources are "<fullname>-<stage>[-canary]" with the stage's underscores 
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* The stages this chart knows, in pipeline order (the schema rejects any other key). */}}
-{{- define "diffmesh.stageOrder" -}}
-text_encoder denoiser vae orchestrator face safety
+{{/*
+Every stage's values, as JSON {stage: values}: `stageDefaults` with `stages.<stage>` merged over
+it, so a stage's entry holds only what differs from the shared defaults. Both sides are deep
+copies (merge functions mutate their first argument, and .Values must stay untouched). Callers:
+`include "diffmesh.stages" $ | fromJson`. The keys of `stages` are the stages: adding a stage to
+the chart is one entry there (tests/deploy checks the set against diffmesh/stages.py).
+*/}}
+{{- define "diffmesh.stages" -}}
+{{- $out := dict -}}
+{{- range $name, $own := .Values.stages -}}
+{{- $_ := set $out $name (mergeOverwrite (deepCopy $.Values.stageDefaults) (deepCopy (default dict $own))) -}}
+{{- end -}}
+{{- toJson $out -}}
 {{- end -}}
 
-{{/* Stages the orchestrator cannot run without. */}}
-{{- define "diffmesh.requiredStages" -}}
-text_encoder denoiser vae
+{{/* One stage's merged values (see diffmesh.stages). dict root stage -> JSON */}}
+{{- define "diffmesh.stageValues" -}}
+{{- toJson (get (include "diffmesh.stages" .root | fromJson) .stage) -}}
+{{- end -}}
+
+{{/* The one stage with role frontend (the orchestrator: the public API, it calls the backends). */}}
+{{- define "diffmesh.frontend" -}}
+{{- $frontends := list -}}
+{{- range $name, $s := (include "diffmesh.stages" . | fromJson) -}}
+{{- if eq $s.role "frontend" -}}{{- $frontends = append $frontends $name -}}{{- end -}}
+{{- end -}}
+{{- if ne (len $frontends) 1 -}}
+{{- fail (printf "exactly one stage must have role: frontend, got %d (%s)" (len $frontends) (join ", " $frontends)) -}}
+{{- end -}}
+{{- first $frontends -}}
 {{- end -}}
 
 {{/* dict "root" $ "stage" "text_encoder" -> "text-encoder" */}}
@@ -90,10 +112,11 @@ tag is the appVersion plus the CPU or CUDA suffix. dict root stage variant
 */}}
 {{- define "diffmesh.image" -}}
 {{- $g := .root.Values.image -}}
-{{- $s := (get .root.Values.stages .stage).image -}}
+{{- $stage := include "diffmesh.stageValues" . | fromJson -}}
+{{- $s := $stage.image -}}
 {{- $c := dict -}}
-{{- if eq .variant "canary" -}}{{- $c = (get .root.Values.stages .stage).canary.image -}}{{- end -}}
-{{- $gpu := (get .root.Values.stages .stage).gpu -}}
+{{- if eq .variant "canary" -}}{{- $c = $stage.canary.image -}}{{- end -}}
+{{- $gpu := $stage.gpu -}}
 {{- $repo := coalesce $c.repository $s.repository $g.repository -}}
 {{- $digest := coalesce $c.digest $s.digest $g.digest -}}
 {{- $suffix := ternary $g.gpuTagSuffix $g.cpuTagSuffix $gpu -}}
@@ -118,7 +141,7 @@ tag is the appVersion plus the CPU or CUDA suffix. dict root stage variant
 
 {{/* host:port of an enabled stage's stable or canary Service. dict root stage variant */}}
 {{- define "diffmesh.serviceAddress" -}}
-{{- $s := get .root.Values.stages .stage -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
 {{- printf "%s:%d" (include "diffmesh.resourceName" .) (int $s.port) -}}
 {{- end -}}
 
@@ -127,12 +150,15 @@ Fails the render for values a schema cannot check: cross-field rules of one stag
 dict root stage
 */}}
 {{- define "diffmesh.validateStage" -}}
-{{- $s := get .root.Values.stages .stage -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
 {{- $drain := addf (float64 $s.gracePeriodS) (float64 .root.Values.preStopSleepSeconds) -}}
 {{- if le (float64 $s.terminationGracePeriodSeconds) $drain -}}
 {{- fail (printf "stages.%s.terminationGracePeriodSeconds (%v) must be longer than gracePeriodS (%v) + preStopSleepSeconds (%v): the kubelet would SIGKILL the stage mid-drain" .stage $s.terminationGracePeriodSeconds $s.gracePeriodS .root.Values.preStopSleepSeconds) -}}
 {{- end -}}
 {{- if lt (float64 $s.gracePeriodS) 0.0 -}}{{- fail (printf "stages.%s.gracePeriodS must be >= 0" .stage) -}}{{- end -}}
+{{- if and .root.Values.tls.secretName (le (int $s.probePort) 0) -}}
+{{- fail (printf "stages.%s.probePort must be set when tls.secretName is: the kubelet's gRPC probes (and the helm test pod) speak plaintext, which an mTLS gRPC port refuses; probePort is the plaintext health-only port (DIFFMESH_HEALTH_PORT)" .stage) -}}
+{{- end -}}
 {{- if eq (int $s.port) (int $s.metricsPort) -}}
 {{- fail (printf "stages.%s: port and metricsPort are both %v" .stage $s.port) -}}
 {{- end -}}
@@ -143,10 +169,10 @@ dict root stage
 {{- fail (printf "stages.%s.canary.autoscaling: maxReplicas (%v) < minReplicas (%v)" .stage $s.canary.autoscaling.maxReplicas $s.canary.autoscaling.minReplicas) -}}
 {{- end -}}
 {{- $reserved := list "host" "port" "metrics_port" "health_port" "tls_cert_file" "tls_key_file" "tls_ca_file" "registry" "grace_period_s" "variant" -}}
-{{- range $stageName := splitList " " (include "diffmesh.stageOrder" .root) -}}
+{{- range $stageName, $_ := .root.Values.stages -}}
 {{- $reserved = concat $reserved (list (printf "%s_address" $stageName) (printf "%s_canary_address" $stageName) (printf "%s_canary_weight" $stageName) (printf "%s_shadow_percent" $stageName)) -}}
 {{- end -}}
-{{- $sources := list (list "settings" $.root.Values.settings) (list (printf "stages.%s.settings" .stage) $s.settings) (list (printf "stages.%s.canary.settings" .stage) $s.canary.settings) -}}
+{{- $sources := list (list "settings" $.root.Values.settings) (list "stageDefaults.settings" $.root.Values.stageDefaults.settings) (list "stageDefaults.canary.settings" $.root.Values.stageDefaults.canary.settings) (list (printf "stages.%s.settings" .stage) $s.settings) (list (printf "stages.%s.canary.settings" .stage) $s.canary.settings) -}}
 {{- range $pair := $sources -}}
 {{- range $key, $_ := (index $pair 1) -}}
 {{- if has $key $reserved -}}
@@ -188,4 +214,11 @@ dict root stage
 {{/* An IntOrString value: "25%" quoted, a number as an integer. */}}
 {{- define "diffmesh.intOrString" -}}
 {{- if kindIs "string" . -}}{{- quote . -}}{{- else -}}{{- int . -}}{{- end -}}
+{{- end -}}
+
+{{/* Selector of the `helm test` pod (NetworkPolicy). Root context. */}}
+{{- define "diffmesh.testPodSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "diffmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
 {{- end -}}
