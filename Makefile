@@ -32,8 +32,10 @@ test: $(STAMP)
 bench: $(STAMP) models
 	$(PY) -m bench.run --out bench/results/bench.json
 
-# make up DENOISER_REPLICAS=2 DENOISER_CANARY=1 [DENOISER_CANARY_WEIGHT=20] (also TEXT_ENCODER_*, VAE_*)
-UP_ARGS = $(foreach s,text_encoder denoiser vae,$(call up_args,$(s),$(shell echo $(s) | tr a-z A-Z)))
+# make up DENOISER_REPLICAS=2 DENOISER_CANARY=1 [DENOISER_CANARY_WEIGHT=20] (any backend: <STAGE>_*)
+# The backend names come from the stage table (evaluated only when `up` runs).
+BACKENDS = $(shell $(PY) -c "from diffmesh.stages import STAGES; print(*(s.name for s in STAGES.backends()))")
+UP_ARGS = $(foreach s,$(BACKENDS),$(call up_args,$(s),$(shell echo $(s) | tr a-z A-Z)))
 up_args = $(if $($(2)_REPLICAS),--replicas $(1)=$($(2)_REPLICAS)) $(if $(filter 1,$($(2)_CANARY)),--canary $(1)=$(or $($(2)_CANARY_WEIGHT),20))
 
 up: $(STAMP)
