@@ -76,6 +76,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     DIFFMESH_HOST=0.0.0.0 \
     DIFFMESH_REGISTRY=/models/registry.yaml \
     HF_HUB_OFFLINE=1 \
+    GRPC_VERBOSITY=ERROR \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 WORKDIR /home/diffmesh

@@ -18,9 +18,19 @@ from pathlib import Path
 from typing import Sequence
 
 from diffmesh.client.client import wait_for_serving
-from diffmesh.stages import STAGES, StageSpec
+from diffmesh.stages import STAGES, Role, StageSpec
 
 DEFAULT_PORTS = {spec.name: spec.default_port for spec in STAGES}
+# gRPC's C core logs in plain text below Python's logging: errors only, so every line stays JSON.
+QUIET_GRPC_CORE = {"GRPC_VERBOSITY": "ERROR"}
+
+
+def host_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def free_port() -> int:
@@ -98,10 +108,7 @@ class LocalMesh:
         spec: StageSpec = STAGES[instance.stage]
         command = [sys.executable, "-m", spec.package, "--port", str(self.port(instance.name)),
                    "--registry", str(self.registry), "--variant", instance.variant]
-        if spec.local_torch_threads:
-            # On a shared CPU host the light stages' idle thread pools go cold between calls and
-            # contend with the denoiser's; one thread each is faster end to end (measured by the bench).
-            command += ["--torch-threads", str(spec.local_torch_threads)]
+        command += ["--torch-threads", str(self.torch_threads(instance))]
         if instance.name in self.metrics_ports:
             command += ["--metrics-port", str(self.metrics_ports[instance.name])]
         if spec.name == STAGES.frontend().name:
@@ -109,11 +116,29 @@ class LocalMesh:
         return command + self.extra_args.get(instance.stage, []) + (
             self.extra_args.get(instance.name, []) if instance.name != instance.stage else []) + list(args)
 
+    def torch_threads(self, instance: Instance) -> int:
+        """Torch threads for one process. The stage table's local_torch_threads where it sets one: on a
+        shared CPU host the light stages' idle thread pools go cold between calls and contend with the
+        denoiser's, and one thread each is faster end to end (measured by the bench). The
+        orchestrator runs no model: one. The other compute processes (denoisers, replicas and
+        canaries included) share the host's CPUs: each keeping torch's default, one thread per CPU,
+        oversubscribes the host (two denoisers on 2 CPUs: 16-35 s per request, 0.5-1.8 s with one
+        thread each). A --torch-threads in a process's extra args still overrides this."""
+        spec = STAGES[instance.stage]
+        if spec.local_torch_threads:
+            return spec.local_torch_threads
+        if spec.role is Role.FRONTEND:
+            return 1
+        running_extra = [i for i in self.extra if i.name in self.processes or i == instance]  # spawn()ed
+        sharing = [i for i in self.instances() + running_extra
+                   if STAGES[i.stage].role is Role.BACKEND and not STAGES[i.stage].local_torch_threads]
+        return max(1, host_cpus() // max(1, len(sharing)))
+
     def _launch(self, instance: Instance, args: Sequence[str], detach: bool) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{instance.name}.log", "ab") as log:
             self.processes[instance.name] = subprocess.Popen(
-                self.command(instance, args), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                self.command(instance, args), stdout=log, stderr=subprocess.STDOUT, env={**QUIET_GRPC_CORE, **os.environ, **self.env},
                 start_new_session=detach)
 
     def start(self, detach: bool = False) -> None:

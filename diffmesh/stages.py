@@ -33,7 +33,7 @@ class StageSpec:
     loads: tuple[str, ...] = ()   # registry kinds it loads at start-up (diffmesh.models.registry.Kind)
     need: Need = Need.ALWAYS      # whether flows always need it (backends only)
     gpu: bool = False             # runs on an accelerator in production (chart: GPU node pool)
-    local_torch_threads: int = 0  # torch threads in the local mesh (0: torch's default)
+    local_torch_threads: int = 0  # torch threads in the local mesh (0: a share of the host, LocalMesh.torch_threads)
 
     @property
     def package(self) -> str:

@@ -6,7 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from diffmesh.client import MeshClient, build_request
+from diffmesh.client import MeshClient, build_request, collect_stream
 from diffmesh.devtools.otlp_receiver import Receiver, format_waterfall, write_spans
 from diffmesh.cli.render import format_timings
 from diffmesh.mesh import LocalMesh, free_ports
@@ -32,12 +32,8 @@ def run_demo(models_root: Path, out: Path, model: str) -> int:
         request = build_request("a photo of a cat", negative_prompt="blurry", model=model, width=256,
                                 height=256, steps=20, scheduler="euler", seed=42)
         with MeshClient(mesh.address("orchestrator")) as client:
-            result = None
-            for event in client.generate_stream(request, timeout=120):
-                if event.HasField("progress"):
-                    print(f"\r  step {event.progress.step}/{event.progress.total_steps}", end="", flush=True)
-                else:
-                    result = event.result
+            result = collect_stream(client.generate_stream(request, timeout=120), lambda progress: print(
+                f"\r  step {progress.step}/{progress.total_steps}", end="", flush=True))
         print()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.images[0].image.data)

@@ -56,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     import grpc
     from tqdm import tqdm
 
-    from diffmesh.client import MeshClient, build_request, field_violations
+    from diffmesh.client import IncompleteStream, MeshClient, build_request, collect_stream, field_violations
 
     out = Path(args.out)
     fmt = args.format or (out.suffix.lstrip(".").lower() or "png")
@@ -75,22 +75,24 @@ def _generate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"diffmesh generate: {exc}", file=sys.stderr)
         return 2
-    result = None
     bars: dict[str, tqdm] = {}  # one progress bar per phase of the flow ("base", "faces", ...)
+
+    def on_progress(progress) -> None:
+        phase = progress.phase or "base"
+        if phase not in bars:
+            bars[phase] = tqdm(total=progress.total_steps, unit="it", desc=phase, disable=args.json,
+                               file=sys.stderr, position=len(bars))
+        bars[phase].update(progress.step - bars[phase].n)
+        if args.preview_dir:
+            _write_previews(Path(args.preview_dir), progress)
+
     try:
         with MeshClient(args.address) as client:
-            for event in client.generate_stream(request, timeout=args.timeout):
-                if event.HasField("progress"):
-                    progress = event.progress
-                    phase = progress.phase or "base"
-                    if phase not in bars:
-                        bars[phase] = tqdm(total=progress.total_steps, unit="it", desc=phase, disable=args.json,
-                                           file=sys.stderr, position=len(bars))
-                    bars[phase].update(progress.step - bars[phase].n)
-                    if args.preview_dir:
-                        _write_previews(Path(args.preview_dir), progress)
-                else:
-                    result = event.result
+            # The images come as their own (chunked) events; collect_stream reassembles them.
+            result = collect_stream(client.generate_stream(request, timeout=args.timeout), on_progress)
+    except IncompleteStream as exc:
+        print(f"diffmesh generate: {exc}", file=sys.stderr)
+        return 1
     except grpc.RpcError as exc:
         print(f"diffmesh generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
         for violation in field_violations(exc):
@@ -100,9 +102,6 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
-    if result is None:
-        print("diffmesh generate: the stream ended without a result", file=sys.stderr)
-        return 1
     paths = _output_paths(out, len(result.images))
     for path, image in zip(paths, result.images):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,14 @@
-"""A small synchronous client for the orchestrator's public API."""
+"""A small synchronous client for the orchestrator's public API.
+
+GenerateStream sends each image in its own events (chunks of at most a few MiB, so no message
+exceeds the 4 MiB a stock gRPC client accepts) and ends with the info; `collect_stream` turns
+such a stream back into the GenerateResponse unary Generate returns, images reassembled.
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -57,6 +62,50 @@ def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
     return violations_from_metadata(trailing)
 
 
+class IncompleteStream(RuntimeError):
+    """A GenerateStream ended without its result, or with an image whose chunks do not add up."""
+
+
+def collect_stream(events: Iterable[orchestrator_pb2.GenerateEvent],
+                   on_progress: Callable[[orchestrator_pb2.StepProgress], None] | None = None,
+                   ) -> orchestrator_pb2.GenerateResponse:
+    """The GenerateResponse a stream amounts to: the result's info with the images reassembled
+    from their chunks (in index order). Progress events go to on_progress. Raises
+    IncompleteStream when the stream ends without a result or an image's chunks are missing or out
+    of order; a gRPC error of the call propagates as it is."""
+    files: dict[int, bytearray] = {}
+    done: dict[int, orchestrator_pb2.GeneratedImage] = {}
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "progress":
+            if on_progress is not None:
+                on_progress(event.progress)
+        elif kind == "image":
+            chunk = event.image
+            data = files.setdefault(chunk.index, bytearray())
+            if chunk.index in done or chunk.offset != len(data):
+                raise IncompleteStream(f"image {chunk.index}: chunk {chunk.chunk} at offset {chunk.offset}, "
+                                       f"expected offset {len(data)}")
+            data += chunk.data
+            if chunk.last:
+                if len(data) != chunk.file_size:
+                    raise IncompleteStream(f"image {chunk.index}: {len(data)} bytes, the server sent {chunk.file_size}")
+                done[chunk.index] = orchestrator_pb2.GeneratedImage(
+                    image=common_pb2.EncodedImage(data=bytes(files.pop(chunk.index)), mime_type=chunk.mime_type,
+                                                  width=chunk.width, height=chunk.height),
+                    seed=chunk.seed, index=chunk.index)
+        elif kind == "result":
+            if files:
+                raise IncompleteStream(f"image(s) {sorted(files)} ended without their last chunk")
+            response = orchestrator_pb2.GenerateResponse()
+            response.CopyFrom(event.result)
+            if done:  # an older server sends the images inside the result instead
+                response.ClearField("images")
+                response.images.extend(done[index] for index in sorted(done))
+            return response
+    raise IncompleteStream("the stream ended without a result")
+
+
 def _channel(address: str, credentials: grpc.ChannelCredentials | None, options=None) -> grpc.Channel:
     target = channel_target(address)
     if credentials is not None:
@@ -96,6 +145,13 @@ class MeshClient:
     def generate_stream(self, request: orchestrator_pb2.GenerateRequest,
                         timeout: float | None = None) -> Iterator[orchestrator_pb2.GenerateEvent]:
         return self.stub.GenerateStream(request, timeout=timeout)
+
+    def generate_streamed(self, request: orchestrator_pb2.GenerateRequest, timeout: float | None = None,
+                          on_progress: Callable[[orchestrator_pb2.StepProgress], None] | None = None,
+                          ) -> orchestrator_pb2.GenerateResponse:
+        """GenerateStream collected into a GenerateResponse (see collect_stream): works for any
+        number and size of images, whatever the client's receive limit."""
+        return collect_stream(self.generate_stream(request, timeout=timeout), on_progress)
 
     def close(self) -> None:
         self._channel.close()

@@ -53,6 +53,9 @@ def stage_channel_options(max_message_mb: int) -> list[tuple[str, object]]:
         ("grpc.service_config", _service_config()),
         ("grpc.enable_retries", 0),
         ("grpc.keepalive_time_ms", 30_000),
+        # A replica that comes back is reached within seconds, not after grpc's default reconnect
+        # backoff of up to 120 s (the orchestrator's readiness pre-check reads the channel state).
+        ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
 
 

@@ -4,6 +4,11 @@ Decoding maps the payload without copying it (numpy.frombuffer, then torch.from_
 checking dtype x shape x byte length, so a malformed payload is an InvalidArgument naming the
 field, never a crash. Decoded arrays are read-only views of the payload's bytes object (upb
 makes that object, one copy, when the field is read; the codec reads it once).
+
+What a stage needs of its inputs beyond the header is checked here too, once for every stage:
+`finite=True` refuses NaN and infinities in a float tensor (a NaN prompt embedding denoises to
+an all-NaN image that would otherwise come back as success), `nonempty=True` refuses a tensor
+with a zero dimension ([1, 0, D] embeddings).
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ _BY_TORCH = {k.torch: k for k in _KINDS}
 _BY_NUMPY = {k.numpy.newbyteorder("="): k for k in _KINDS if k.wire != DType.BFLOAT16}
 
 WIRE_DTYPES: tuple[int, ...] = tuple(_BY_WIRE)
+FLOAT_DTYPES: tuple[int, ...] = (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16)
+_BFLOAT16_EXPONENT = 0x7F80  # all ones: inf or NaN
 
 
 def dtype_name(wire: int) -> str:
@@ -60,6 +67,24 @@ def dtype_name(wire: int) -> str:
         return DType.Name(wire)
     except ValueError:
         return str(wire)
+
+
+def _non_finite(kind: _Kind, array: np.ndarray) -> int:
+    """How many elements are NaN or infinite (0 for integer and bool tensors)."""
+    if kind.wire == DType.BFLOAT16:
+        return int(np.count_nonzero((array & _BFLOAT16_EXPONENT) == _BFLOAT16_EXPONENT))
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def _check_content(kind: _Kind, array: np.ndarray, field: str, finite: bool, nonempty: bool) -> None:
+    if nonempty and array.size == 0:
+        raise InvalidArgument(f"{field}.shape", list(array.shape), "must not be empty (a dimension is 0)")
+    if finite and array.size:
+        bad = _non_finite(kind, array)
+        if bad:
+            raise InvalidArgument(field, f"{bad} NaN or infinite of {array.size} values", "values must be finite")
 
 
 def _decode(t: Tensor, field: str, dtypes: Iterable[int] | None, rank: int | None) -> tuple[_Kind, np.ndarray]:
@@ -98,15 +123,20 @@ def _decode(t: Tensor, field: str, dtypes: Iterable[int] | None, rank: int | Non
 
 
 def to_numpy(t: Tensor, field: str, *, dtypes: Iterable[int] | None = None,
-             rank: int | None = None) -> np.ndarray:
-    """Read-only numpy view of a tensor (bfloat16 comes back as its uint16 bit patterns)."""
-    return _decode(t, field, dtypes, rank)[1]
+             rank: int | None = None, finite: bool = False, nonempty: bool = False) -> np.ndarray:
+    """Read-only numpy view of a tensor (bfloat16 comes back as its uint16 bit patterns).
+    finite: refuse NaN / inf elements; nonempty: refuse a zero dimension."""
+    kind, array = _decode(t, field, dtypes, rank)
+    _check_content(kind, array, field, finite, nonempty)
+    return array
 
 
 def to_torch(t: Tensor, field: str, *, dtypes: Iterable[int] | None = None,
-             rank: int | None = None) -> torch.Tensor:
-    """torch view over the payload (no copy beyond protobuf's own); move or cast it before writing."""
+             rank: int | None = None, finite: bool = False, nonempty: bool = False) -> torch.Tensor:
+    """torch view over the payload (no copy beyond protobuf's own); move or cast it before writing.
+    finite: refuse NaN / inf elements; nonempty: refuse a zero dimension."""
     kind, array = _decode(t, field, dtypes, rank)
+    _check_content(kind, array, field, finite, nonempty)
     if array.size == 0:
         return torch.empty(array.shape, dtype=kind.torch)
     tensor = torch.from_numpy(array)

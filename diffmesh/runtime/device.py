@@ -1,6 +1,8 @@
 """Device and dtype choice: CUDA with fp16 when a GPU is present, CPU fp32 otherwise."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,3 +44,24 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    device: str     # "cuda:0"
+    allocated: int  # bytes in live tensors of this process
+    reserved: int   # bytes this process's caching allocator holds (what it can use without a new cudaMalloc)
+    total: int      # the device's memory
+
+
+def gpu_memory() -> list[GpuMemory]:
+    """Memory per visible CUDA device; empty without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    usage = []
+    for index in range(torch.cuda.device_count()):
+        # Device properties, not mem_get_info: that would create a CUDA context on every device.
+        usage.append(GpuMemory(f"cuda:{index}", torch.cuda.memory_allocated(index),
+                               torch.cuda.memory_reserved(index),
+                               torch.cuda.get_device_properties(index).total_memory))
+    return usage

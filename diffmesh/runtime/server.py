@@ -13,30 +13,33 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import signal
+import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
 
 from diffmesh.error_details import trailing_metadata
 from diffmesh.proto.v1 import common_pb2
 from diffmesh.stages import STAGES
 from diffmesh import errors
-from diffmesh.runtime import metrics, telemetry
+from diffmesh.runtime import metrics, reflection, telemetry
 from diffmesh.runtime.channels import channel_options
 from diffmesh.runtime.config import ConfigError, ServerConfig, load_config
 from diffmesh.runtime.device import configure_threads, keep_freed_memory
-from diffmesh.runtime.logs import log_event, setup_logging
+from diffmesh.runtime.logs import json_line, log_event, setup_logging
 from diffmesh.runtime.tls import load_tls
 
 log = logging.getLogger("diffmesh.server")
@@ -46,6 +49,34 @@ C = TypeVar("C", bound=ServerConfig)
 # Services that answer even while models load (probes and grpcurl must work during start-up).
 _ALWAYS_ON = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
               "grpc.reflection.v1.ServerReflection")
+# After the grace period, how long abandoned calls get to send their UNAVAILABLE before grpc
+# cancels whatever is left.
+_ABANDON_S = 2.0
+
+
+def request_class(method: str) -> type[Message] | None:
+    """The request message class of a '/package.Service/Method' path (None: not a known method)."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    try:
+        descriptor = descriptor_pool.Default().FindServiceByName(service).methods_by_name.get(name)
+    except KeyError:
+        return None
+    return None if descriptor is None else message_factory.GetMessageClass(descriptor.input_type)
+
+
+def parse_request(message_class: type[Message] | None, request: Any) -> Any:
+    """A request message from the bytes grpc hands over (the runtime registers no request
+    deserializer: grpc would answer a deserializer's exception with UNKNOWN). Bytes that are not a
+    valid message, a string field that is not UTF-8 included, are an InvalidArgument naming the
+    message type; a message passes through."""
+    if message_class is None or not isinstance(request, bytes):
+        return request
+    try:
+        return message_class.FromString(request)
+    except DecodeError as exc:
+        detail = str(exc).rpartition(": ")[2] or type(exc).__name__  # "String field had bad UTF-8"
+        raise errors.InvalidArgument("request", f"{len(request)} bytes",
+                                     f"not a valid {message_class.DESCRIPTOR.full_name} message: {detail}") from None
 
 
 class Stage(Protocol):
@@ -77,15 +108,19 @@ class _DeferredService:
         name = method.name
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
-        codecs = dict(request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+        # Bytes in (parse_request: the interceptor parses them first, inside its error mapping).
+        codecs = dict(request_deserializer=None, response_serializer=response.SerializeToString)
         if method.server_streaming:
             async def stream(message: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async for item in getattr(self.target, name)(message, context):
-                    yield item
+                # aclosing: a stream that ends early closes the servicer's generator now, in this
+                # call's task (an abandoned `async for` would leave it to the garbage collector).
+                async with aclosing(getattr(self.target, name)(parse_request(request, message), context)) as items:
+                    async for item in items:
+                        yield item
             return grpc.unary_stream_rpc_method_handler(stream, **codecs)
 
         async def unary(message: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await getattr(self.target, name)(message, context)
+            return await getattr(self.target, name)(parse_request(request, message), context)
         return grpc.unary_unary_rpc_method_handler(unary, **codecs)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -109,6 +144,21 @@ class Admission:
     streaming progress and noticing cancellations while a model runs.
     """
 
+    # Compute functions running right now, in every Admission of the process: a thread running
+    # torch cannot be interrupted, so a drain that abandons calls exits the process past them.
+    _running = 0
+    _running_lock = threading.Lock()
+
+    @classmethod
+    def computing(cls) -> int:
+        with cls._running_lock:
+            return cls._running
+
+    @classmethod
+    def _count(cls, delta: int) -> None:
+        with cls._running_lock:
+            cls._running += delta
+
     def __init__(self, stage: str, max_concurrency: int, max_queue: int) -> None:
         self.stage = stage
         self.device = "cpu"
@@ -117,6 +167,7 @@ class Admission:
         self._max_waiting = max_queue
         self._waiting = 0
         self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="compute")
+        metrics.preinitialize_admission(stage, max_concurrency, max_queue)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Usage]:
@@ -147,9 +198,11 @@ class Admission:
 
         def timed() -> T:
             start = time.perf_counter()
+            Admission._count(1)
             try:
                 return context.run(fn, *args)
             finally:
+                Admission._count(-1)
                 elapsed = time.perf_counter() - start
                 usage.compute_ms += elapsed * 1000.0
                 metrics.COMPUTE.labels(self.stage).observe(elapsed)
@@ -164,6 +217,7 @@ class Admission:
 @dataclass
 class _Call:
     bytes_out: int = 0
+    request: Any = None  # the parsed request message
 
 
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -175,6 +229,8 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.stage = stage
         self.variant = variant
         self.ready = False
+        self._calls: set[asyncio.Task] = set()  # in flight: each call's handler task
+        self._abandoning = False
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -182,14 +238,15 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.lstrip("/").startswith(_ALWAYS_ON):
             return handler
         method = details.method
+        message_class = request_class(method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
+                self._wrap_unary(handler.unary_unary, method, message_class),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
+                self._wrap_stream(handler.unary_stream, method, message_class),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
@@ -197,7 +254,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _begin(self, method: str, request: Any) -> float:
         if not self.ready:
             raise errors.Unavailable(f"{self.stage}: models are still loading")
-        size = request.ByteSize()
+        size = len(request) if isinstance(request, bytes) else request.ByteSize()  # the wire size either way
         metrics.IN_FLIGHT.labels(self.stage, method).inc()
         metrics.PAYLOAD.labels(self.stage, method, "in").inc(size)
         span = trace.get_current_span()
@@ -223,47 +280,100 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
 
     @staticmethod
-    def _code_of(exc: BaseException) -> str:
+    def _code_of(exc: BaseException, context: grpc.aio.ServicerContext | None = None) -> str:
         if isinstance(exc, errors.MeshError):
             return exc.code
-        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the caller went away
-            return "CANCELLED"
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # Either the deadline passed or the caller went away; grpc cancels the handler for both.
+            remaining = context.time_remaining() if context is not None else None
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         return "INTERNAL"
 
+    async def drain(self, grace_s: float) -> int:
+        """Waits up to grace_s for the calls in flight; then abandons the rest: each is answered
+        UNAVAILABLE (so its caller retries on another replica) and its compute is left running for
+        the process exit to end. Returns how many calls were abandoned."""
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=grace_s)
+        left = [task for task in self._calls if not task.done()]
+        if left:
+            self._abandoning = True
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=_ABANDON_S)
+        return len(left)
+
     @asynccontextmanager
-    async def _observed(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
-        """Around one call: the readiness gate, error mapping, metrics and payload attributes."""
+    async def _observed(self, method: str, request: Any, context: grpc.aio.ServicerContext,
+                        message_class: type[Message] | None = None) -> AsyncIterator[_Call]:
+        """Around one call: the readiness gate, request parsing, error mapping, metrics and
+        payload attributes."""
         start, code, call = None, "OK", _Call()
+        task = asyncio.current_task()
+        self._calls.add(task)
         try:
             start = self._begin(method, request)
+            call.request = parse_request(message_class, request)
             yield call
         except grpc.aio.AbortError:
             code = "ABORTED_BY_HANDLER"
             raise
+        except asyncio.CancelledError:
+            if not self._abandoning:
+                code = self._code_of(asyncio.CancelledError(), context)  # the deadline, or the caller left
+                raise
+            code = "UNAVAILABLE"  # abandoned by the drain: the caller retries elsewhere
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{self.stage} is shutting down: the call outlived the grace period; retry")
         except BaseException as exc:
-            code = self._code_of(exc)
+            code = self._code_of(exc, context)
             if isinstance(exc, Exception):
                 await self._fail(context, exc, method)
             raise
         finally:
+            self._calls.discard(task)
             if start is not None:
                 self._end(method, start, code, call.bytes_out)
 
-    def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
+    def _wrap_unary(self, behavior: Callable, method: str, message_class: type[Message] | None) -> Callable:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._observed(method, request, context) as call:
-                response = await behavior(request, context)
+            async with self._observed(method, request, context, message_class) as call:
+                response = await behavior(call.request, context)
                 call.bytes_out = response.ByteSize()
                 return response
         return handle
 
-    def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
+    def _wrap_stream(self, behavior: Callable, method: str, message_class: type[Message] | None) -> Callable:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._observed(method, request, context) as call:
-                async for item in behavior(request, context):
+            async with self._observed(method, request, context, message_class) as call, \
+                    aclosing(behavior(call.request, context)) as items:  # closed in this task if the call ends early
+                async for item in items:
                     call.bytes_out += item.ByteSize()
                     yield item
         return handle
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why host:port cannot be bound (None: it can; port 0 always can). Checked before binding, so
+    that a taken port is one log line: grpc's own failure comes after a C-core log line, and
+    prometheus_client's as a traceback."""
+    if not port:
+        return None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as exc:  # socket.gaierror included
+        return exc.strerror or str(exc)
+    return None
+
+
+def _cannot_bind(stage: str, setting_name: str, host: str, port: int, error: str) -> int:
+    log_event(log, "cannot bind", logging.ERROR, stage=stage, setting=setting_name, host=host, port=port,
+              error=error)
+    return 1
 
 
 async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None = None,
@@ -274,12 +384,12 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
         tls = load_tls(config)
     except ConfigError as exc:
         log_event(log, "start-up failed", logging.ERROR, stage=stage.name, error=str(exc))
-        print(f"diffmesh {stage.name}: start-up failed: {exc}", file=sys.stderr)
         return 1
     interceptor = _ServiceInterceptor(stage.name, config.variant)
     # The tracing interceptor goes first so its server span encloses the error mapping and sees
     # the final status code.
-    options = channel_options(config.max_message_mb)
+    # No SO_REUSEPORT (grpc's default): a second server on a taken port must fail, not share it.
+    options = channel_options(config.max_message_mb) + [("grpc.so_reuseport", 0)]
     if config.max_connection_age_s > 0:
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", int(config.grace_period_s * 1000))]
@@ -295,25 +405,42 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     metrics.READY.labels(stage.name).set(0)
+    metrics.preinitialize_service(stage.name, service.descriptor)
 
+    ports = {"port": config.port, "health_port": config.health_port, "metrics_port": config.metrics_port}
+    for setting_name, port in ports.items():
+        error = _port_in_use(config.host, port)
+        if error:
+            return _cannot_bind(stage.name, setting_name, config.host, port, error)
     address = f"{config.host}:{config.port}"
-    bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError:  # taken since the check
+        bound = 0
     if bound == 0:
-        log_event(log, "cannot bind", logging.ERROR, host=config.host, port=config.port)
-        return 1
+        return _cannot_bind(stage.name, "port", config.host, config.port, "address already in use")
     await server.start()
     health_server = None
     if config.health_port:
         # Probes only: this port serves nothing but health, so it can stay plaintext under mTLS.
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        if health_server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
-            log_event(log, "cannot bind", logging.ERROR, host=config.host, port=config.health_port)
+        try:
+            health_bound = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+        except RuntimeError:
+            health_bound = 0
+        if health_bound == 0:
             await server.stop(0)
-            return 1
+            return _cannot_bind(stage.name, "health_port", config.host, config.health_port, "address already in use")
         await health_server.start()
     if config.metrics_port:
-        metrics.start_metrics_server(config.host, config.metrics_port)
+        try:
+            metrics.start_metrics_server(config.host, config.metrics_port)
+        except OSError as exc:
+            await server.stop(0)
+            if health_server is not None:
+                await health_server.stop(0)
+            return _cannot_bind(stage.name, "metrics_port", config.host, config.metrics_port, exc.strerror or str(exc))
     log_event(log, "listening", stage=stage.name, host=config.host, port=bound, metrics_port=config.metrics_port)
     if on_bound is not None:
         on_bound(bound)
@@ -328,7 +455,6 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
         service.target = stage.servicer(loaded)
     except Exception as exc:  # start-up errors (a missing model) end the process clearly
         log_event(log, "start-up failed", logging.ERROR, stage=stage.name, error=str(exc))
-        print(f"diffmesh {stage.name}: start-up failed: {exc}", file=sys.stderr)
         await server.stop(0)
         if health_server is not None:
             await health_server.stop(0)
@@ -343,7 +469,15 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     log_event(log, "draining", stage=stage.name, grace_s=config.grace_period_s)
     await health_servicer.enter_graceful_shutdown()
     metrics.READY.labels(stage.name).set(0)
-    await server.stop(config.grace_period_s)
+    # grpc refuses new calls from here on. Its own deadline (cancelling what is left, which callers
+    # would see as CANCELLED) is only a backstop: at the end of the grace period the interceptor
+    # answers what is still in flight UNAVAILABLE, so that callers retry on another replica.
+    stopping = asyncio.ensure_future(server.stop(config.grace_period_s + _ABANDON_S))
+    abandoned = await interceptor.drain(config.grace_period_s)
+    await stopping
+    if abandoned:
+        log_event(log, "drain timed out", logging.WARNING, stage=stage.name, grace_s=config.grace_period_s,
+                  abandoned_calls=abandoned, compute_running=Admission.computing())
     if health_server is not None:
         await health_server.stop(0)
     await stage.finalize()
@@ -359,18 +493,27 @@ def run_stage(make_stage: Callable[[C], Stage], config_cls: type[C], argv: Seque
     try:
         config = load_config(config_cls, argv, prog=prog)
     except ConfigError as exc:
-        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        print(json_line(prog, "ERROR", f"{prog}: configuration error: {exc}"), file=sys.stderr)
         return 2
     setup_logging(prog, config.log_level)
     try:
         telemetry.setup_tracing(prog, config.variant)
     except ValueError as exc:
-        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        print(json_line(prog, "ERROR", f"{prog}: configuration error: {exc}"), file=sys.stderr)
         return 2
     configure_threads(config.torch_threads)
     if config.keep_freed_memory:
         keep_freed_memory()
     try:
-        return asyncio.run(serve(make_stage(config), config))
+        code = asyncio.run(serve(make_stage(config), config))
     finally:
         telemetry.shutdown_tracing()
+    if Admission.computing():
+        # The drain abandoned calls whose compute still runs: a thread inside torch cannot be
+        # interrupted, and the interpreter would wait for it at exit (ThreadPoolExecutor joins
+        # its workers), so shutdown would last as long as the longest call. Exit past it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -9,6 +9,7 @@ import torch
 
 from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import ModelEntry
+from diffmesh.limits import BatchLimits, ImageSizeLimits, StepLimits, TokenWindowLimits
 from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
@@ -18,12 +19,10 @@ from services.denoiser.servicer import DenoiserServicer
 
 
 @dataclass
-class DenoiserConfig(ServerConfig):
+class DenoiserConfig(ImageSizeLimits, StepLimits, BatchLimits, TokenWindowLimits, ServerConfig):
     """diffmesh denoiser: the UNet sampling loop."""
 
     port: int = setting(STAGES["denoiser"].default_port, "gRPC port", min=0, max=65535)
-    max_steps: int = setting(1000, "most inference steps one request may ask for", min=1)
-    max_batch: int = setting(16, "most images one call may denoise together", min=1)
     scheduler_override: str = setting("", "serve every request with this scheduler (to canary a scheduler "
                                       "change against stable); empty: the requested one")
 
@@ -42,7 +41,8 @@ class DenoiserStage(ModelStage[UNetDenoiser]):
 
     def servicer(self, models: ModelPool[UNetDenoiser]) -> DenoiserServicer:
         config: DenoiserConfig = self.config  # type: ignore[assignment]
-        return DenoiserServicer(models, self.admission, config.max_steps, config.max_batch, config.scheduler_override)
+        return DenoiserServicer(models, self.admission, config.max_steps, config.max_batch, config.scheduler_override,
+                                max_size=config.max_size, max_sequence=config.max_sequence)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -114,6 +114,8 @@ class JobLimits:
 
     max_steps: int | None = None  # steps, or custom timesteps, of the full schedule
     max_batch: int | None = None  # images in one job
+    max_size: int | None = None  # width and height, pixels
+    max_sequence: int | None = None  # text sequence length of the embeddings (77 per CLIP window)
 
 
 @dataclass(eq=False)
@@ -215,10 +217,11 @@ class UNetDenoiser:
             raise InvalidArgument("seeds", job.count, "need at least one image (one seed each)")
         if not math.isfinite(job.guidance_scale) or job.guidance_scale < 0:
             raise InvalidArgument("guidance_scale", job.guidance_scale, "must be finite and >= 0")
-        self._check_conditioning(job)
+        self._check_conditioning(job, limits)
         for name, size in (("width", job.width), ("height", job.height)):
-            if size <= 0 or size % self.vae_scale_factor:
-                raise InvalidArgument(name, size, f"must be a positive multiple of {self.vae_scale_factor}")
+            if size <= 0 or size % self.vae_scale_factor or (limits.max_size is not None and size > limits.max_size):
+                bound = f" up to {limits.max_size}" if limits.max_size is not None else ""
+                raise InvalidArgument(name, size, f"must be a positive multiple of {self.vae_scale_factor}{bound}")
         self._check_steps(job, limits)
         if job.init_latents is not None:
             expected = (job.count, self.latent_channels, job.height // self.vae_scale_factor,
@@ -242,12 +245,15 @@ class UNetDenoiser:
         scheduler, timesteps = self._schedule(job)
         return PreparedJob(job, scheduler, timesteps, owner=self)
 
-    def _check_conditioning(self, job: DenoiseJob) -> None:
+    def _check_conditioning(self, job: DenoiseJob, limits: JobLimits = JobLimits()) -> None:
         cond, n, dim = job.conditioning, job.count, self.cross_attention_dim
         prompt = cond.prompt_embeds
         if prompt.ndim != 3 or prompt.shape[0] not in (1, n) or prompt.shape[1] < 1 or prompt.shape[2] != dim:
             raise InvalidArgument("prompt_embeds.shape", list(prompt.shape),
                                   f"expected [1 or {n}, seq, {dim}] for {self.entry.id} (n: one row per image)")
+        if limits.max_sequence is not None and prompt.shape[1] > limits.max_sequence:
+            raise InvalidArgument("prompt_embeds.shape", list(prompt.shape),
+                                  f"sequence longer than {limits.max_sequence} tokens (max_prompt_windows)")
         if job.guided:
             neg = cond.negative_prompt_embeds
             if neg is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from typing import AsyncIterator
@@ -22,13 +23,14 @@ from diffmesh.models.schedulers import lookup_scheduler, require_scheduler
 from diffmesh.proto.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
 from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.errors import Cancelled, InvalidArgument
+from diffmesh.limits import MAX_FEATHER
 from diffmesh.runtime.logs import elapsed_ms, log_event
 from diffmesh.runtime.server import Admission
 from diffmesh.runtime.telemetry import annotate
 from services.denoiser.masks import change_map_from_grey, change_map_from_mask
 from services.denoiser.sampler import Conditioning, DenoiseJob, JobLimits, UNetDenoiser
 
-_FLOATS = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16)
+_FLOATS = codec.FLOAT_DTYPES
 _DONE = object()
 PREVIEW_QUALITY = 70
 log = logging.getLogger("diffmesh.denoiser")
@@ -39,10 +41,14 @@ def _consume(future: asyncio.Future) -> None:
         future.exception()  # retrieved: a cancelled loop's Cancelled is expected, not an error
 
 
+def _float_tensor(request: denoiser_pb2.DenoiseRequest, name: str) -> torch.Tensor:
+    """A float input: finite and non-empty (a NaN embedding would denoise to an all-NaN image
+    and come back as success)."""
+    return codec.to_torch(getattr(request, name), name, dtypes=_FLOATS, finite=True, nonempty=True)
+
+
 def _optional_tensor(request: denoiser_pb2.DenoiseRequest, name: str) -> torch.Tensor | None:
-    if not request.HasField(name):
-        return None
-    return codec.to_torch(getattr(request, name), name, dtypes=_FLOATS)
+    return _float_tensor(request, name) if request.HasField(name) else None
 
 
 def _generators(request: denoiser_pb2.DenoiseRequest) -> list[torch.Generator]:
@@ -55,22 +61,33 @@ def _generators(request: denoiser_pb2.DenoiseRequest) -> list[torch.Generator]:
         raise InvalidArgument("generator_states", list(states.shape), f"not a CPU generator state: {exc}")
 
 
-def job_from_request(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
-    """The request as a job; only wire-format checks here (UNetDenoiser.check_job does the rest)."""
+def job_from_request(request: denoiser_pb2.DenoiseRequest, limits: JobLimits = JobLimits()) -> DenoiseJob:
+    """The request as a job; only wire-format checks here (UNetDenoiser.check_job does the rest,
+    against `limits`; the size is checked here too when a change map is to be built at it)."""
     spec = require_scheduler(request.scheduler)
     if not request.HasField("prompt_embeds"):
         raise InvalidArgument("prompt_embeds", None, "required")
     init_latents = _optional_tensor(request, "init_latents")
     change_map = None
     if request.HasField("change_map"):
-        grey = codec.to_torch(request.change_map, "change_map", dtypes=(tensor_pb2.UINT8,), rank=3)
+        grey = codec.to_torch(request.change_map, "change_map", dtypes=(tensor_pb2.UINT8,), rank=3, nonempty=True)
+        # Checked before the map is blurred or scaled (that work grows with its pixels): one grey
+        # image per image, or one for all, at the request's size, within max_size.
+        for name in ("width", "height"):
+            if limits.max_size is not None and getattr(request, name) > limits.max_size:
+                raise InvalidArgument(name, getattr(request, name), f"at most {limits.max_size} pixels")
+        if tuple(grey.shape[1:]) != (request.height, request.width):
+            raise InvalidArgument("change_map.shape", list(grey.shape),
+                                  f"expected [1 or n, {request.height}, {request.width}] (the image size)")
+        if not math.isfinite(request.mask_feather) or not 0.0 <= request.mask_feather <= MAX_FEATHER:
+            raise InvalidArgument("mask_feather", request.mask_feather, f"must be in [0, {MAX_FEATHER:g}] pixels")
         change_map = (change_map_from_mask(grey, request.mask_feather) if request.change_map_is_mask
                       else change_map_from_grey(grey))
     return DenoiseJob(
         scheduler=spec, steps=request.steps, guidance_scale=request.guidance_scale,
         width=request.width, height=request.height,
         conditioning=Conditioning(
-            prompt_embeds=codec.to_torch(request.prompt_embeds, "prompt_embeds", dtypes=_FLOATS),
+            prompt_embeds=_float_tensor(request, "prompt_embeds"),
             negative_prompt_embeds=_optional_tensor(request, "negative_prompt_embeds"),
             pooled_prompt_embeds=_optional_tensor(request, "pooled_prompt_embeds"),
             negative_pooled_prompt_embeds=_optional_tensor(request, "negative_pooled_prompt_embeds"),
@@ -86,16 +103,18 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest) -> DenoiseJob:
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, models, admission: Admission, max_steps: int, max_batch: int,
-                 scheduler_override: str = "") -> None:
+                 scheduler_override: str = "", max_size: int | None = None, max_sequence: int | None = None) -> None:
         self._scheduler_override = scheduler_override
         self._models = models
         self._admission = admission
-        self._limits = JobLimits(max_steps=max_steps, max_batch=max_batch)
+        # diffmesh.limits: the orchestrator's bounds, checked again here with the job.
+        self._limits = JobLimits(max_steps=max_steps, max_batch=max_batch, max_size=max_size,
+                                 max_sequence=max_sequence)
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[denoiser_pb2.DenoiseEvent]:
         model: UNetDenoiser = self._models.get(request.model_id)
-        job = job_from_request(request)
+        job = job_from_request(request, self._limits)
         if self._scheduler_override:
             job.scheduler = lookup_scheduler(self._scheduler_override)
         prepared = model.check_job(job, self._limits)  # reject before queueing, not after the wait

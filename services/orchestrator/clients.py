@@ -11,6 +11,13 @@ after a failing canary). Only UNAVAILABLE is retried, the code a replica that wa
 restarted or is draining gives; stage calls are idempotent (seeded), and round_robin sends the
 next attempt to another replica. gRPC's own retries cannot cover a stream once it has started,
 which is why the layer is ours and not the channel's.
+
+Readiness: before a flow starts, `StageClients.check_reachable` looks at the channel of each stage
+it needs (a connectivity-state read, no RPC): a stage none of whose replicas can be reached fails
+the request with UNAVAILABLE naming it, before any other stage works, instead of after the text
+encoder and the denoiser have run. Channels connect on first use (the first request waits up to
+readiness_wait_s for that): connecting at start-up, before the stages have bound their ports,
+would leave them in reconnect backoff, failing the first requests although every stage is up.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 import grpc
 
 from diffmesh.error_details import violations_from_metadata
-from diffmesh.errors import FailedPrecondition, FieldViolation, MeshError
+from diffmesh.errors import FailedPrecondition, FieldViolation, MeshError, Unavailable
 from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc,
                                vae_pb2, vae_pb2_grpc)
 from diffmesh.runtime import metrics, telemetry
@@ -39,6 +46,27 @@ FALLBACK_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.St
                   grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED}
 RETRY_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.05
+_CONNECTING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
+_UNREACHABLE = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+
+
+async def reachable(channel: grpc.aio.Channel, wait_s: float) -> bool:
+    """False when every replica behind the channel has failed to connect (TRANSIENT_FAILURE: a
+    call now fails UNAVAILABLE at once, retries included). A channel still connecting gets up to
+    wait_s to settle; after that the call goes ahead and the call policy decides, so a slow
+    connection is never mistaken for an outage. READY costs no wait and no RPC."""
+    state = channel.get_state(try_to_connect=True)
+    end = time.monotonic() + wait_s
+    while state in _CONNECTING:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            return True
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except asyncio.TimeoutError:
+            return True
+        state = channel.get_state(try_to_connect=True)
+    return state not in _UNREACHABLE
 
 
 class StageCallError(MeshError):
@@ -90,6 +118,17 @@ class StageClient:
         self.router = router
         self.shadow = shadow
         self.shadow_timeout_s = shadow_timeout_s
+
+    async def check_reachable(self, ctx: CallContext, wait_s: float) -> None:
+        """UNAVAILABLE naming the stage when neither the variant this request routes to nor
+        stable (a failing canary's fallback) has a reachable replica."""
+        variant = self.router.choose(self.stage, ctx.request_key)
+        for candidate in dict.fromkeys((variant, STABLE)):
+            channel = self.router.channel(self.stage, candidate)
+            if channel is not None and await reachable(channel, min(wait_s, ctx.deadline.remaining())):
+                return
+        raise Unavailable(f"stage {self.stage} is unavailable: none of its replicas is reachable; nothing ran "
+                          f"(retry with backoff)")
 
     async def _attempts(self, ctx: CallContext, invoke: Invoke, variant: str) -> tuple[Any, int]:
         for attempt in range(RETRY_ATTEMPTS):
@@ -232,6 +271,8 @@ class StageClients:
         self.shadow = shadow
         self._clients = {route.stage: clients[route.stage](self.router, shadow, shadow_timeout_s)
                          for route in configured}
+        for route in configured:
+            metrics.preinitialize_stage_calls(route.stage, [STABLE, CANARY] if route.canary else [STABLE])
 
     def require(self, stage: str) -> StageClient:
         client = self._clients.get(stage)
@@ -239,6 +280,11 @@ class StageClients:
             raise FailedPrecondition(f"stage {stage} is not configured in this deployment "
                                      f"(set {stage}_address on the orchestrator); this request needs it")
         return client
+
+    async def check_reachable(self, stages: list[str], ctx: CallContext, wait_s: float) -> None:
+        """Before a flow: each stage it needs has a reachable replica (see StageClient)."""
+        for stage in stages:
+            await self.require(stage).check_reachable(ctx, wait_s)
 
     @property
     def text_encoder(self) -> TextEncoderClient:

@@ -6,44 +6,66 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from diffmesh.limits import BatchLimits, ImageMemoryLimits, ImageSizeLimits, PromptLimits, StepLimits
 from diffmesh.runtime.channels import channel_target
 from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.tls import load_tls
 from diffmesh.stages import STAGES, Need, StageTable
+from diffmesh.runtime.server import Admission
 from services.orchestrator.clients import StageClients
 from services.orchestrator.plan import Limits, ModelCatalog
 from services.orchestrator.routing import StageRoute
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.shadow import ShadowDiffer
 
+STREAM_EVENT_OVERHEAD_KB = 4  # an image event's fields besides the data (index, seed, mime, sizes)
+
 
 @dataclass
-class OrchestratorSettings(ServerConfig):
+class OrchestratorSettings(ImageSizeLimits, StepLimits, BatchLimits, PromptLimits, ImageMemoryLimits, ServerConfig):
     """diffmesh orchestrator: the public API; chains the stages per request."""
 
+    # max_size, max_steps, max_batch, max_prompt_chars, max_image_decode_mb: diffmesh.limits,
+    # the same settings every stage checks its own requests against.
+
     port: int = setting(STAGES.frontend().default_port, "gRPC port", min=0, max=65535)
-    max_concurrency: int = setting(64, "requests in flight at once", min=1)
+    max_concurrency: int = setting(64, "requests in flight at once (more wait in the queue, max_queue)", min=1)
     default_model: str = setting("", "model used when a request names none (empty: the first registry id)")
     default_scheduler: str = setting("euler", "scheduler used when a request names none")
     default_steps: int = setting(30, "steps when a request sets none", min=1)
     default_strength: float = setting(0.75, "img2img strength when a request sets none", min=0.01, max=1)
-    max_size: int = setting(2048, "largest width or height accepted", min=8)
-    max_steps: int = setting(150, "most steps a request may ask for", min=1)
-    max_count: int = setting(8, "most images per request", min=1)
+    max_count: int = setting(8, "most images per request (at most max_batch)", min=1)
     max_guidance: float = setting(50.0, "largest guidance_scale accepted", min=0)
-    max_prompt_chars: int = setting(4000, "longest prompt accepted, in characters", min=1)
     max_init_image_mb: int = setting(32, "largest init_image file accepted, MiB", min=1)
     request_timeout_s: float = setting(600.0, "deadline for requests that carry none", min=1)
     shadow_threshold: float = setting(0.0, "log a shadow divergence above this max absolute difference", min=0)
     shadow_max_in_flight: int = setting(8, "mirrored calls in flight at once (more are dropped)", min=1)
     png_compress_level: int = setting(4, "zlib level for PNG output files (speed vs size)", min=0, max=9)
+    max_unary_reply_mb: int = setting(
+        4, "largest Generate (unary) reply, MiB: a request whose worst-case reply is larger fails "
+        "FAILED_PRECONDITION before any work (stock gRPC clients accept 4 MiB; raise it only with the "
+        "clients' receive limit; GenerateStream has no such limit)", min=1, max=2047)
+    stream_chunk_kb: int = setting(3072, "largest piece of an image file per GenerateStream event, KiB "
+                                         "(under the 4 MiB stock clients accept)", min=16)
+    readiness_wait_s: float = setting(1.0, "before a flow, how long a stage's connection may take to come up; "
+                                           "a stage with no reachable replica fails the request UNAVAILABLE "
+                                           "before any stage works", min=0)
 
     TABLE = STAGES  # the stages this orchestrator routes to (a class attribute, not a setting)
 
     def validate(self) -> None:
         if self.default_steps > self.max_steps:
             raise ConfigError(f"default_steps: {self.default_steps} exceeds max_steps {self.max_steps}")
+        if self.max_count > self.max_batch:
+            raise ConfigError(f"max_count: {self.max_count} exceeds max_batch {self.max_batch} (the stages "
+                              f"would refuse a request's images in one call)")
+        if self.max_unary_reply_mb > self.max_message_mb:
+            raise ConfigError(f"max_unary_reply_mb: {self.max_unary_reply_mb} exceeds max_message_mb "
+                              f"{self.max_message_mb} (the server could not send such a reply)")
+        if self.stream_chunk_kb + STREAM_EVENT_OVERHEAD_KB > self.max_message_mb * 1024:
+            raise ConfigError(f"stream_chunk_kb: {self.stream_chunk_kb} does not fit in max_message_mb "
+                              f"{self.max_message_mb} with its event")
         for spec in self.TABLE.backends():
             stage = spec.name
             if spec.need is Need.ALWAYS and not getattr(self, f"{stage}_address"):
@@ -66,7 +88,8 @@ class OrchestratorSettings(ServerConfig):
                       default_steps=self.default_steps, default_strength=self.default_strength,
                       max_size=self.max_size, max_steps=self.max_steps, max_count=self.max_count,
                       max_guidance=self.max_guidance, max_prompt_chars=self.max_prompt_chars,
-                      max_init_image_bytes=self.max_init_image_mb * 1024 * 1024)
+                      max_init_image_bytes=self.max_init_image_mb * 1024 * 1024,
+                      max_image_decode_bytes=self.max_image_decode_bytes)
 
     def routes(self) -> list[StageRoute]:
         """One route per backend stage of the table (an unconfigured optional stage has none)."""
@@ -128,7 +151,11 @@ class OrchestratorStage:
         self.clients = StageClients(config.routes(), config.max_message_mb,
                                     tls.channel_credentials() if tls else None, shadow, config.request_timeout_s)
         return OrchestratorServicer(self.clients, catalog, config.limits(), config.request_timeout_s,
-                                    config.png_compress_level)
+                                    config.png_compress_level,
+                                    admission=Admission(self.name, config.max_concurrency, config.max_queue),
+                                    max_unary_reply_bytes=config.max_unary_reply_mb * 1024 * 1024,
+                                    stream_chunk_bytes=config.stream_chunk_kb * 1024,
+                                    readiness_wait_s=config.readiness_wait_s)
 
     async def finalize(self) -> None:
         if self.clients is not None:

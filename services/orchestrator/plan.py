@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffmesh.imaging import FORMATS, decode_image
+from diffmesh.imaging import DEFAULT_DECODE_BUDGET, FORMATS, decode_image
+from diffmesh.limits import INIT_IMAGE_SIDE_FACTOR, MAX_FEATHER
 from diffmesh.models.latent_space import vae_scale_factor
 from diffmesh.models.registry import ModelEntry, ModelFamily, Registry
 from diffmesh.models.schedulers import require_scheduler, scheduler_overrides
@@ -24,7 +25,6 @@ from diffmesh.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1
 MAX_CLIP_SKIP = 24
-MAX_FEATHER = 256.0
 VAE_MULTIPLE = 8
 # diffusers' own defaults per family (StableDiffusionPipeline 7.5, StableDiffusionXLPipeline 5.0).
 DEFAULT_GUIDANCE = {ModelFamily.SD15: 7.5, ModelFamily.SDXL: 5.0}
@@ -42,6 +42,11 @@ class Limits:
     max_guidance: float
     max_prompt_chars: int
     max_init_image_bytes: int
+    # Peak memory one image file may take to decode (diffmesh.imaging.decode_cost): judged from
+    # the header, so a small file that inflates is refused before it is decoded. A request decodes
+    # at most two (init image, then mask or change map while the init pixels, at most 3/10 of
+    # this, are kept): its images peak below 1.3 x this, besides the request message.
+    max_image_decode_bytes: int = DEFAULT_DECODE_BUDGET
 
 
 @dataclass(frozen=True)
@@ -219,8 +224,8 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
         if len(request.init_image) > limits.max_init_image_bytes:
             raise InvalidArgument("init_image", f"{len(request.init_image)} bytes",
                                   f"larger than {limits.max_init_image_bytes} bytes")
-        pixels = decode_image(request.init_image, "init_image")
-        change_map = _change_map(request, pixels.shape[:2])
+        pixels = decode_image(request.init_image, "init_image", limits.max_image_decode_bytes)
+        change_map = _change_map(request, pixels.shape[:2], limits)
         default_strength = 1.0 if change_map is not None else limits.default_strength
         strength = request.strength if request.HasField("strength") else default_strength
         if not math.isfinite(strength) or not 0.0 < strength <= 1.0:
@@ -230,9 +235,10 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
         # Like diffusers: the init image's size, rounded down to a multiple of 8, unless given.
         height = (pixels.shape[0] // VAE_MULTIPLE) * VAE_MULTIPLE
         width = (pixels.shape[1] // VAE_MULTIPLE) * VAE_MULTIPLE
-        if width == 0 or height == 0 or max(pixels.shape[:2]) > limits.max_size * 4:
+        max_side = limits.max_size * INIT_IMAGE_SIDE_FACTOR
+        if width == 0 or height == 0 or max(pixels.shape[:2]) > max_side:
             raise InvalidArgument("init_image", f"{pixels.shape[1]}x{pixels.shape[0]}",
-                                  f"image sides must be in [{VAE_MULTIPLE}, {limits.max_size * 4}] pixels")
+                                  f"image sides must be in [{VAE_MULTIPLE}, {max_side}] pixels")
         init_pixels = pixels[None]
     elif request.HasField("strength"):
         raise InvalidArgument("strength", request.strength, "only valid with init_image")
@@ -288,14 +294,16 @@ def _schedule(request: orchestrator_pb2.GenerateRequest, limits: Limits) -> tupl
     return steps, None
 
 
-def _change_map(request: orchestrator_pb2.GenerateRequest, size: tuple[int, int]) -> np.ndarray | None:
+def _change_map(request: orchestrator_pb2.GenerateRequest, size: tuple[int, int],
+                limits: Limits) -> np.ndarray | None:
     """The change map or mask as uint8 [H, W], checked against the init image's size."""
     if request.change_map and request.mask:
         raise InvalidArgument("mask", f"{len(request.mask)} bytes", "give change_map or mask, not both")
     name = "change_map" if request.change_map else "mask" if request.mask else None
     if name is None:
         return None
-    grey = np.asarray(Image.fromarray(decode_image(getattr(request, name), name)).convert("L"))
+    grey = np.asarray(Image.fromarray(decode_image(getattr(request, name), name, limits.max_image_decode_bytes))
+                      .convert("L"))
     if grey.shape != size:
         raise InvalidArgument(f"{name}.shape", f"{grey.shape[1]}x{grey.shape[0]}",
                               f"must match init_image's size {size[1]}x{size[0]}")

@@ -56,6 +56,10 @@ class StageRouter:
         route = self._routes[stage]
         return bool(route.canary) and bucket(stage, request_key, "shadow") < route.shadow_percent
 
+    def channel(self, stage: str, variant: str) -> grpc.aio.Channel | None:
+        """The stage's channel for a variant; None when the stage has no such variant."""
+        return self._channels.get((stage, variant))
+
     def stub(self, stage: str, variant: str, stub_cls: Callable[[grpc.aio.Channel], Any]) -> Any:
         """The stage's client stub for a variant (built once per channel)."""
         key = (stage, variant, stub_cls)

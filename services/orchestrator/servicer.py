@@ -1,34 +1,48 @@
-"""Orchestrator gRPC servicer: the public API. Validates, plans, runs the request's flow."""
+"""Orchestrator gRPC servicer: the public API. Admits, validates, plans, runs the request's flow.
+
+Every request takes an admission slot first (max_concurrency computing, max_queue waiting,
+RESOURCE_EXHAUSTED beyond), for its whole life: planning decodes the init image and masks, so
+the bound covers that memory too. Generate then checks that its reply can fit the unary limit
+before any stage works; GenerateStream sends images in chunks and has no such limit.
+"""
 from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import grpc
 
-from diffmesh.errors import MeshError
 from diffmesh.proto.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from diffmesh.runtime.logs import log_event, prompt_hash
+from diffmesh.runtime.server import Admission
 from diffmesh.runtime.telemetry import annotate
 from services.orchestrator.clients import CallContext, Deadline, StageClients
 from services.orchestrator.plan import Limits, ModelCatalog, plan_request
-from services.orchestrator.steps import FlowRun, RequestState, choose_flow, run_flow
+from services.orchestrator.replies import MIB, STOCK_CLIENT_LIMIT, check_predicted, check_reply
+from services.orchestrator.steps import Flow, FlowRun, RequestState, choose_flow, complete, run_flow
 
 log = logging.getLogger("diffmesh.orchestrator")
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, clients: StageClients, catalog: ModelCatalog, limits: Limits, default_timeout_s: float,
-                 png_compress_level: int = 4) -> None:
+                 png_compress_level: int = 4, *, admission: Admission | None = None,
+                 max_unary_reply_bytes: int = STOCK_CLIENT_LIMIT, stream_chunk_bytes: int = 3 * MIB,
+                 readiness_wait_s: float = 1.0) -> None:
         self._clients = clients
         self._catalog = catalog
         self._limits = limits
         self._default_timeout_s = default_timeout_s
         self._png_compress_level = png_compress_level
+        self._admission = admission or Admission("orchestrator", 64, 64)
+        self._max_unary_reply_bytes = max_unary_reply_bytes
+        self._stream_chunk_bytes = stream_chunk_bytes
+        self._readiness_wait_s = readiness_wait_s
 
-    def _events(self, request: orchestrator_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
-                progress: bool) -> AsyncIterator[orchestrator_pb2.GenerateEvent]:
+    def _start(self, request: orchestrator_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+               progress: bool) -> tuple[Flow, RequestState, FlowRun]:
         request_id = uuid.uuid4().hex
         plan = plan_request(request, self._limits, self._catalog, request_id)
         flow = choose_flow(plan)
@@ -42,17 +56,27 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         annotate(**attributes)
         log_event(log, "generate", **{key.split(".", 1)[1]: value for key, value in attributes.items()})
         call = CallContext(request_id, request.request_key or request_id, deadline)
-        run = FlowRun(self._clients, call, progress, png_compress_level=self._png_compress_level)
-        return run_flow(flow, RequestState(plan), run)
+        run = FlowRun(self._clients, call, progress, png_compress_level=self._png_compress_level,
+                      stream_chunk_bytes=self._stream_chunk_bytes, readiness_wait_s=self._readiness_wait_s)
+        return flow, RequestState(plan), run
 
     async def Generate(self, request: orchestrator_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> orchestrator_pb2.GenerateResponse:
-        async for event in self._events(request, context, progress=False):
-            if event.HasField("result"):
-                return event.result
-        raise MeshError("generation ended without a result")
+        async with self._admission.slot():
+            flow, state, run = self._start(request, context, progress=False)
+            plan = state.plan
+            # FAILED_PRECONDITION before any stage works when the reply could not be delivered.
+            check_predicted(len(plan.seeds), plan.width, plan.height, plan.output_format, self._max_unary_reply_bytes)
+            reply = await complete(flow, state, run)
+            check_reply(reply, self._max_unary_reply_bytes)
+            return reply
 
     async def GenerateStream(self, request: orchestrator_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[orchestrator_pb2.GenerateEvent]:
-        async for event in self._events(request, context, progress=True):
-            yield event
+        async with self._admission.slot():
+            flow, state, run = self._start(request, context, progress=True)
+            # aclosing: when this stream ends early, the flow's generator is closed here, in this
+            # call's task, not later by the garbage collector in whatever context runs then.
+            async with aclosing(run_flow(flow, state, run)) as events:
+                async for event in events:
+                    yield event

@@ -3,9 +3,16 @@
 A step names the state fields it reads and writes and the stages it calls; a flow is a list of
 steps, chosen from which request fields are set (`choose_flow`). A step may plan further work
 from what an earlier step returned: `run` may return steps, which run next (the face flow plans
-one sub-job per detected face this way). `run_flow` checks that every stage the flow needs is
-configured before any stage works, runs the steps, streams progress events as they arrive, and
-ends with the response.
+one sub-job per detected face this way). Before any stage works, `require_stages` checks that
+every stage the flow needs is configured (FAILED_PRECONDITION) and that a replica of it is
+reachable (UNAVAILABLE naming it, so an outage of the last stage does not first run the others).
+`complete` runs a flow to its response (unary Generate); `run_flow` runs it as a stream: progress
+events as they arrive, then each image in chunks, then the info.
+
+Clean ends: however a request ends (its caller cancels, its deadline passes, the caller
+disconnects, a send fails), the steps' task and the progress getter are cancelled and awaited
+before the call returns, so no task outlives its request, no span is ended late in another
+request's context, and nothing is left pending when the process stops.
 
     txt2img:  encode_prompt -> denoise -> decode -> encode_files
     img2img:  (encode_prompt | encode_init_image) -> denoise -> decode -> encode_files
@@ -23,10 +30,11 @@ import numpy as np
 
 from diffmesh.imaging import encode_image
 from diffmesh.proto.v1 import common_pb2, denoiser_pb2, orchestrator_pb2, text_encoder_pb2, vae_pb2
-from diffmesh.runtime import codec, telemetry
+from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.runtime.logs import elapsed_ms
 from services.orchestrator.clients import CallContext, StageClients
 from services.orchestrator.plan import GenerationPlan
+from services.orchestrator.replies import MIB, image_chunks
 
 BASE = "base"  # the phase of a flow with one denoising pass
 
@@ -63,6 +71,8 @@ class FlowRun:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     started: float = field(default_factory=time.perf_counter)
     png_compress_level: int = 4
+    stream_chunk_bytes: int = 3 * MIB       # file bytes per image event of a stream
+    readiness_wait_s: float = 1.0           # how long a stage's connection may take to come up
 
 
 class Step:
@@ -244,25 +254,63 @@ async def execute(steps: Sequence[Step], state: RequestState, run: FlowRun) -> N
             pending[:0] = planned
 
 
-def response(state: RequestState, run: FlowRun) -> orchestrator_pb2.GenerateResponse:
+def response(state: RequestState, run: FlowRun, with_images: bool = True) -> orchestrator_pb2.GenerateResponse:
+    """The reply: the images (unless a stream sends them as image events) and the info."""
     plan, cost = state.plan, run.call.cost()
     telemetry.annotate(**{"diffmesh.cost.device_seconds": cost.device_seconds,
                           "diffmesh.cost.queue_seconds": cost.queue_seconds,
                           "diffmesh.cost.bytes_moved": cost.bytes_moved})
+    metrics.record_generation(plan.model.entry.id, len(plan.seeds), cost.device_seconds)  # cost per image
     info = orchestrator_pb2.GenerationInfo(
         request_id=plan.request_id, model=plan.model.entry.id, scheduler=plan.scheduler, steps=plan.steps,
         guidance_scale=plan.guidance_scale, strength=plan.strength, width=plan.width, height=plan.height,
         timings=run.call.timings, total_ms=elapsed_ms(run.started), cost=cost,
         trace_id=telemetry.sampled_trace_id() or "")
-    images = [orchestrator_pb2.GeneratedImage(image=file, seed=seed, index=i)
-              for i, (file, seed) in enumerate(zip(state.require("files"), plan.seeds))]
-    return orchestrator_pb2.GenerateResponse(images=images, info=info)
+    if not with_images:
+        return orchestrator_pb2.GenerateResponse(info=info)
+    return orchestrator_pb2.GenerateResponse(images=generated_images(state), info=info)
+
+
+def generated_images(state: RequestState) -> list[orchestrator_pb2.GeneratedImage]:
+    return [orchestrator_pb2.GeneratedImage(image=file, seed=seed, index=i)
+            for i, (file, seed) in enumerate(zip(state.require("files"), state.plan.seeds))]
+
+
+async def require_stages(flow: Flow, run: FlowRun) -> None:
+    """Before any stage works: every stage the flow needs is configured (FAILED_PRECONDITION)
+    and reachable on the variant this request routes to (UNAVAILABLE naming the stage)."""
+    stages = flow.stages()
+    for stage in stages:
+        run.clients.require(stage)
+    await run.clients.check_reachable(stages, run.call, run.readiness_wait_s)
+
+
+async def complete(flow: Flow, state: RequestState, run: FlowRun) -> orchestrator_pb2.GenerateResponse:
+    """Runs the flow to its response, images included (unary Generate: no events)."""
+    await require_stages(flow, run)
+    await execute(flow.steps, state, run)
+    return response(state, run)
+
+
+async def _settle(futures: Sequence[asyncio.Future | None]) -> None:
+    """Cancels what is still running and waits for it to finish its cleanup (stage calls
+    cancelled, spans ended) in this request's own task; marks failures as retrieved so none is
+    reported as never retrieved."""
+    pending = [future for future in futures if future is not None and not future.done()]
+    for future in pending:
+        future.cancel()
+    if pending:
+        # Shielded: a second cancel of the caller must not leave the cleanup half done.
+        await asyncio.shield(asyncio.wait(pending))
+    for future in futures:
+        if future is not None and future.done() and not future.cancelled():
+            future.exception()
 
 
 async def run_flow(flow: Flow, state: RequestState, run: FlowRun) -> AsyncIterator[orchestrator_pb2.GenerateEvent]:
-    """Yields progress events while the steps run, then one event with the response."""
-    for stage in flow.stages():
-        run.clients.require(stage)  # FAILED_PRECONDITION before any stage works
+    """Yields progress events while the steps run, then each image in chunks (image events),
+    then one event with the response's info. Close it (aclosing) to stop it early."""
+    await require_stages(flow, run)
     task = asyncio.ensure_future(execute(flow.steps, state, run))
     getter: asyncio.Future | None = None
     try:
@@ -276,9 +324,9 @@ async def run_flow(flow: Flow, state: RequestState, run: FlowRun) -> AsyncIterat
             yield run.events.get_nowait()
         await task
     finally:
-        # Cancelled or failed midway: stop the steps (their stage calls cancel with them) and the
-        # waiting getter, so nothing is left pending.
-        for future in (task, getter):
-            if future is not None and not future.done():
-                future.cancel()
-    yield orchestrator_pb2.GenerateEvent(result=response(state, run))
+        # Cancelled, closed or failed midway: stop the steps (their stage calls cancel with
+        # them) and the waiting getter, and wait until both have finished.
+        await _settle((task, getter))
+    for chunk in image_chunks(generated_images(state), run.stream_chunk_bytes):
+        yield orchestrator_pb2.GenerateEvent(image=chunk)
+    yield orchestrator_pb2.GenerateEvent(result=response(state, run, with_images=False))

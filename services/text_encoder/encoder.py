@@ -103,7 +103,8 @@ class ClipPromptEncoder:
     @torch.inference_mode()
     def encode(self, prompt: str, negative_prompt: str | None, with_negative: bool, *,
                prompt_2: str | None = None, negative_prompt_2: str | None = None,
-               clip_skip: int | None = None, weighting: bool = True) -> PromptEmbeddings:
+               clip_skip: int | None = None, weighting: bool = True,
+               max_windows: int | None = None) -> PromptEmbeddings:
         """prompt_embeds [1, 77k, D] (+ negative of the same shape when with_negative; + pooled [1, P]
         for SDXL). k is the number of 75-token windows of the longest of the prompts encoded;
         shorter ones are padded with windows of the empty prompt so that CFG can batch them.
@@ -115,7 +116,8 @@ class ClipPromptEncoder:
         norm (SD 1.x) / hidden_states[-(k+2)] (SDXL), as diffusers' encode_prompt does for the
         prompt; unlike diffusers (which ignores it there) it applies to the negative prompt too.
         weighting=False takes the texts literally (no attention syntax, no BREAK); long prompts are
-        still windowed."""
+        still windowed. max_windows: a prompt taking more windows is an InvalidArgument naming it
+        (the encoder's and the denoiser's cost grow with the windows, not with the characters)."""
         self._check(prompt_2, negative_prompt_2, clip_skip)
         # texts[p][e]: prompt p (0 positive, 1 negative) on encoder e
         texts = [[prompt, prompt_2 or prompt] if self.is_sdxl else [prompt]]
@@ -127,6 +129,11 @@ class ClipPromptEncoder:
         chunks = [[self._chunks(self.tokenizers[e], text, weighting) for e, text in enumerate(row)]
                   for row in texts]
         count = max(len(c) for row in chunks for c in row)
+        if max_windows is not None and count > max_windows:
+            names = [["prompt", "prompt_2"], ["negative_prompt", "negative_prompt_2"]]
+            windows, name = max((len(c), names[p][e]) for p, row in enumerate(chunks) for e, c in enumerate(row))
+            raise InvalidArgument(name, f"{windows} windows of 75 tokens",
+                                  f"at most {max_windows} windows (BREAK starts one too)")
         results = []
         for row in chunks:
             hidden, pooled = [], None
@@ -144,29 +151,52 @@ class ClipPromptEncoder:
         return PromptEmbeddings(positive, negative, pooled, negative_pooled)
 
 
-class EmbeddingCache:
-    """LRU of encoded prompts, keyed by model id and prompt digests (never the prompt text)."""
+def embeddings_bytes(value: PromptEmbeddings) -> int:
+    """Bytes the tensors of one encoded prompt hold."""
+    tensors = (value.prompt_embeds, value.negative_prompt_embeds, value.pooled_prompt_embeds,
+               value.negative_pooled_prompt_embeds)
+    return sum(t.element_size() * t.nelement() for t in tensors if t is not None)
 
-    def __init__(self, capacity: int) -> None:
+
+class EmbeddingCache:
+    """LRU of encoded prompts, keyed by model id and prompt digests (never the prompt text),
+    bounded by entries and by bytes: the oldest entries go until both bounds hold. An entry's
+    size grows with the prompt (a 4000-character prompt is ~34 MB at SDXL width), so an entry
+    count alone would let callers fill tens of GB."""
+
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         self._capacity = capacity
-        self._items: OrderedDict[Hashable, PromptEmbeddings] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[Hashable, tuple[PromptEmbeddings, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> PromptEmbeddings | None:
         with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
 
     def put(self, key: Hashable, value: PromptEmbeddings) -> None:
-        if self._capacity <= 0:
-            return
+        size = embeddings_bytes(value)
+        if self._capacity <= 0 or (self._max_bytes is not None and size > self._max_bytes):
+            return  # an entry larger than the whole cache would only evict everything else
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
+            previous = self._items.pop(key, None)
+            if previous is not None:
+                self._bytes -= previous[1]
+            self._items[key] = (value, size)
+            self._bytes += size
+            while len(self._items) > self._capacity or (self._max_bytes is not None and self._bytes > self._max_bytes):
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached embeddings hold now."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._items)

@@ -9,6 +9,7 @@ import torch
 
 from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import ModelEntry
+from diffmesh.limits import MIB, PromptLimits, TokenWindowLimits
 from diffmesh.runtime.config import ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
@@ -18,11 +19,13 @@ from services.text_encoder.servicer import TextEncoderServicer
 
 
 @dataclass
-class TextEncoderConfig(ServerConfig):
+class TextEncoderConfig(PromptLimits, TokenWindowLimits, ServerConfig):
     """diffmesh text_encoder: prompts -> CLIP embeddings."""
 
     port: int = setting(STAGES["text_encoder"].default_port, "gRPC port", min=0, max=65535)
     cache_size: int = setting(1024, "encoded prompts kept in the LRU cache (0: no cache)", min=0)
+    cache_mb: int = setting(256, "memory the LRU cache's embeddings may hold, MiB (least recently used "
+                                 "entries go first)", min=0)
 
 
 class TextEncoderStage(ModelStage[ClipPromptEncoder]):
@@ -33,7 +36,9 @@ class TextEncoderStage(ModelStage[ClipPromptEncoder]):
 
     def servicer(self, models: ModelPool[ClipPromptEncoder]) -> TextEncoderServicer:
         config: TextEncoderConfig = self.config  # type: ignore[assignment]
-        return TextEncoderServicer(models, self.admission, EmbeddingCache(config.cache_size))
+        cache = EmbeddingCache(config.cache_size, max_bytes=config.cache_mb * MIB)
+        return TextEncoderServicer(models, self.admission, cache, max_prompt_chars=config.max_prompt_chars,
+                                   max_prompt_windows=config.max_prompt_windows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from diffmesh.errors import InvalidArgument
 from diffmesh.models.pool import ModelPool
 from diffmesh.proto.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from diffmesh.runtime import codec
@@ -20,10 +21,13 @@ def _optional(request: text_encoder_pb2.EncodeTextRequest, name: str) -> Any:
 
 
 class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
-    def __init__(self, models: ModelPool[ClipPromptEncoder], admission: Admission, cache: EmbeddingCache) -> None:
+    def __init__(self, models: ModelPool[ClipPromptEncoder], admission: Admission, cache: EmbeddingCache,
+                 max_prompt_chars: int | None = None, max_prompt_windows: int | None = None) -> None:
         self._models = models
         self._admission = admission
         self._cache = cache
+        self._max_chars = max_prompt_chars      # diffmesh.limits: the orchestrator's bounds
+        self._max_windows = max_prompt_windows
 
     async def Encode(self, request: text_encoder_pb2.EncodeTextRequest,
                      context: grpc.aio.ServicerContext) -> text_encoder_pb2.EncodeTextResponse:
@@ -32,6 +36,10 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         options = dict(prompt_2=_optional(request, "prompt_2"), negative_prompt_2=_optional(request, "negative_prompt_2"),
                        clip_skip=_optional(request, "clip_skip"), weighting=not request.literal_prompt)
         texts = (request.prompt, negative, options["prompt_2"], options["negative_prompt_2"])
+        if self._max_chars is not None:  # before hashing or tokenizing anything
+            for name, text in zip(("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"), texts):
+                if text is not None and len(text) > self._max_chars:
+                    raise InvalidArgument(name, text, f"longer than {self._max_chars} characters")
         key = (request.model_id, *(None if t is None else prompt_hash(t) for t in texts), request.with_negative,
                options["clip_skip"], options["weighting"])
         embeddings = self._cache.get(key)
@@ -41,7 +49,8 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         if embeddings is None:
             async with self._admission.slot() as usage:
                 embeddings = await self._admission.submit(
-                    usage, traced("encode_prompt", partial(model.encode, **options), **{"diffmesh.model": request.model_id}),
+                    usage, traced("encode_prompt", partial(model.encode, **options, max_windows=self._max_windows),
+                                  **{"diffmesh.model": request.model_id}),
                     request.prompt, negative, request.with_negative)
             self._cache.put(key, embeddings)
         response = text_encoder_pb2.EncodeTextResponse(cache_hit=hit)

@@ -9,6 +9,7 @@ import torch
 
 from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import ModelEntry
+from diffmesh.limits import BatchLimits, ImageMemoryLimits, ImageSizeLimits
 from diffmesh.runtime.config import ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
@@ -18,11 +19,10 @@ from services.vae.servicer import VaeServicer
 
 
 @dataclass
-class VaeConfig(ServerConfig):
+class VaeConfig(ImageSizeLimits, BatchLimits, ImageMemoryLimits, ServerConfig):
     """diffmesh vae: latents <-> images."""
 
     port: int = setting(STAGES["vae"].default_port, "gRPC port", min=0, max=65535)
-    max_batch: int = setting(16, "most images one call may decode or encode", min=1)
     png_compress_level: int = setting(4, "zlib level for PNG output (speed vs size)", min=0, max=9)
 
 
@@ -34,7 +34,8 @@ class VaeStage(ModelStage[LatentImageCodec]):
 
     def servicer(self, models: ModelPool[LatentImageCodec]) -> VaeServicer:
         config: VaeConfig = self.config  # type: ignore[assignment]
-        return VaeServicer(models, self.admission, config.max_batch, config.png_compress_level)
+        return VaeServicer(models, self.admission, config.max_batch, config.png_compress_level,
+                           max_size=config.max_size, max_image_bytes=config.max_image_decode_bytes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

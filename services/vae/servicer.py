@@ -5,17 +5,18 @@ import grpc
 import numpy as np
 import torch
 
-from diffmesh.imaging import encode_image
+from diffmesh.imaging import FORMATS, decode_cost, encode_image
+from diffmesh.limits import INIT_IMAGE_SIDE_FACTOR
 from diffmesh.models.latent_space import seeded_generators
 from diffmesh.models.pool import ModelPool
-from diffmesh.proto.v1 import tensor_pb2, vae_pb2, vae_pb2_grpc
+from diffmesh.proto.v1 import common_pb2, tensor_pb2, vae_pb2, vae_pb2_grpc
 from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.errors import InvalidArgument
 from diffmesh.runtime.telemetry import annotate, traced
 from diffmesh.runtime.server import Admission
 from services.vae.autoencoder import LatentImageCodec
 
-_FLOATS = (tensor_pb2.FLOAT32, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16)
+_SAMPLING = frozenset(vae_pb2.LatentSampling.values())
 
 
 def _paste_back(request: vae_pb2.DecodeRequest, count: int, height: int,
@@ -32,20 +33,54 @@ def _paste_back(request: vae_pb2.DecodeRequest, count: int, height: int,
     return pixels, keep
 
 
+def _check_format(request: vae_pb2.DecodeRequest) -> None:
+    if request.format and request.format not in FORMATS:
+        raise InvalidArgument("format", request.format,
+                              f"must be one of {', '.join(common_pb2.ImageFormat.keys())}")
+
+
 class VaeServicer(vae_pb2_grpc.VaeServicer):
+    """Every request is checked against the stage's limits (diffmesh.limits: the orchestrator's
+    own), before it waits for a compute slot: images per call, output sides, the memory an
+    input image takes, enum values, finite non-empty latents."""
+
     def __init__(self, models: ModelPool[LatentImageCodec], admission: Admission, max_batch: int,
-                 png_compress_level: int) -> None:
+                 png_compress_level: int, max_size: int | None = None, max_image_bytes: int | None = None) -> None:
         self._models = models
         self._admission = admission
         self._max_batch = max_batch
         self._png_level = png_compress_level
+        self._max_size = max_size
+        self._max_image_bytes = max_image_bytes
+
+    def _check_output_size(self, field: str, value: list[int], width: int, height: int) -> None:
+        if self._max_size is not None and max(width, height) > self._max_size:
+            raise InvalidArgument(field, value, f"makes {width}x{height} images; sides at most {self._max_size} pixels")
+
+    def _check_pixels(self, pixels: np.ndarray) -> None:
+        """An input image may cost what decoding its file could have (the orchestrator's decode
+        budget): the resize below copies it into PIL and then into float32."""
+        shape = list(pixels.shape)
+        if pixels.shape[0] > self._max_batch:
+            raise InvalidArgument("pixels.shape", shape, f"at most {self._max_batch} images")
+        height, width = pixels.shape[1:3]
+        if self._max_size is not None and max(width, height) > self._max_size * INIT_IMAGE_SIDE_FACTOR:
+            raise InvalidArgument("pixels.shape", shape,
+                                  f"image sides at most {self._max_size * INIT_IMAGE_SIDE_FACTOR} pixels")
+        if self._max_image_bytes is not None and decode_cost(width, height) > self._max_image_bytes:
+            raise InvalidArgument("pixels.shape", shape, f"an image of {width}x{height} needs more than the "
+                                                         f"{self._max_image_bytes // 2**20} MiB allowed per image")
 
     async def Decode(self, request: vae_pb2.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> vae_pb2.DecodeResponse:
         model = self._models.get(request.model_id)
-        latents = codec.to_torch(request.latents, "latents", dtypes=_FLOATS, rank=4)
+        latents = codec.to_torch(request.latents, "latents", dtypes=codec.FLOAT_DTYPES, rank=4, finite=True,
+                                 nonempty=True)
         if latents.shape[0] > self._max_batch:
             raise InvalidArgument("latents.shape", list(latents.shape), f"at most {self._max_batch} images")
+        self._check_output_size("latents.shape", list(latents.shape), latents.shape[3] * model.scale_factor,
+                                latents.shape[2] * model.scale_factor)
+        _check_format(request)
         if not 0 <= request.quality <= 100:
             raise InvalidArgument("quality", request.quality, "must be in [0, 100]")
         model.check_latents(latents)
@@ -77,11 +112,23 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
     async def Encode(self, request: vae_pb2.EncodeImageRequest,
                      context: grpc.aio.ServicerContext) -> vae_pb2.EncodeImageResponse:
         model = self._models.get(request.model_id)
-        pixels = codec.to_numpy(request.pixels, "pixels", dtypes=(tensor_pb2.UINT8,), rank=4)
+        pixels = codec.to_numpy(request.pixels, "pixels", dtypes=(tensor_pb2.UINT8,), rank=4, nonempty=True)
+        self._check_pixels(pixels)
+        if request.sampling not in _SAMPLING:
+            raise InvalidArgument("sampling", request.sampling,
+                                  f"must be one of {', '.join(vae_pb2.LatentSampling.keys())}")
         sample = request.sampling != vae_pb2.MODE
         seeds = list(request.seeds)
         if not 1 <= len(seeds) <= self._max_batch:
             raise InvalidArgument("seeds", len(seeds), f"need 1 to {self._max_batch} (one per latent)")
+        for name, size in (("width", request.width), ("height", request.height)):
+            if self._max_size is not None and not 0 <= size <= self._max_size:
+                raise InvalidArgument(name, size, f"must be in [0, {self._max_size}] (0: the image's own size)")
+        # 0 keeps the image's size (rounded down to the VAE's multiple): bounded like a given size.
+        scale = model.scale_factor
+        self._check_output_size("pixels.shape" if not (request.width and request.height) else "width",
+                                list(pixels.shape), request.width or pixels.shape[2] // scale * scale,
+                                request.height or pixels.shape[1] // scale * scale)
         generators = seeded_generators(seeds)
         annotate(**{"diffmesh.model": request.model_id, "diffmesh.batch_size": len(seeds)})
         async with self._admission.slot() as usage:

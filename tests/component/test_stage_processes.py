@@ -1,13 +1,18 @@
 """Stage processes: SIGTERM drains in-flight work and exits 0; a missing or broken model is a
-clear start-up error naming the path."""
+clear start-up error naming the path; a taken port (any of the three) is one error line."""
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from concurrent import futures
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
@@ -83,3 +88,43 @@ def test_bad_configuration_exits_2_naming_the_setting(registry):
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "max_batch" in output and "-3" in output
+
+
+# --- a port conflict at start-up: one line naming the setting, exit code 1 ------------------------
+
+@contextlib.contextmanager
+def taken_port(holder: str) -> Iterator[int]:
+    """A port held by a plain listening socket, or by a gRPC server (which binds with SO_REUSEPORT:
+    a second server on its port would silently share it unless the service refuses that)."""
+    if holder == "grpc":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            yield port
+        finally:
+            server.stop(0)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("setting,holder", [("port", "socket"), ("port", "grpc"), ("health_port", "socket"),
+                                            ("metrics_port", "socket")])
+def test_a_taken_port_is_one_error_line_and_exit_code_1(registry, setting, holder):
+    with taken_port(holder) as port:
+        ports = {"port": free_port(), "health_port": 0, "metrics_port": 0, setting: port}
+        flags = [arg for name, value in ports.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+        proc = subprocess.Popen([sys.executable, "-m", "services.vae", "--registry", str(registry), *flags],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output
+    lines = output.splitlines()
+    entries = [json.loads(line) for line in lines]  # every line is a JSON log entry: no traceback
+    errors = [entry for entry in entries if entry["level"] == "ERROR"]
+    assert len(errors) == 1, output
+    assert errors[0]["msg"] == "cannot bind" and errors[0]["setting"] == setting and errors[0]["port"] == port
+    assert "in use" in errors[0]["error"].lower()
+    assert not any(entry["msg"] == "serving" for entry in entries)  # it never came up

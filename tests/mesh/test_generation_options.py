@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from diffmesh.client import build_request
+from diffmesh.client import build_request, collect_stream
 from diffmesh.models.schedulers import SCHEDULERS, build_scheduler
 from diffmesh.models.timesteps import FACE_DETAIL_ANCHORS
 
@@ -118,7 +118,7 @@ def test_previews_stream_every_n_steps_and_do_not_change_the_result(client):
     preview = progress[1].previews[0]
     assert preview.mime_type == "image/jpeg" and Image.open(io.BytesIO(preview.data)).size == (8, 8)
     plain = client.generate(build_request("a tower", **{**SMALL, "steps": 6, "count": 2}), timeout=60)
-    assert [i.image.data for i in events[-1].result.images] == [i.image.data for i in plain.images]
+    assert [i.image.data for i in collect_stream(events).images] == [i.image.data for i in plain.images]
 
 
 def test_cli_writes_previews(mesh, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
-from diffmesh.client import build_request
+from diffmesh.client import build_request, collect_stream
 from diffmesh.stages import STAGES
 
 SMALL = dict(model="tiny-sd15", width=64, height=64, scheduler="euler")
@@ -33,8 +33,9 @@ def test_stream_sends_every_step_then_the_images(client):
     progress = [e.progress for e in events if e.HasField("progress")]
     assert [p.step for p in progress] == list(range(1, 8))
     assert all(p.total_steps == 7 for p in progress)
-    assert [e.HasField("result") for e in events] == [False] * 7 + [True]
-    result = events[-1].result
+    # Each image in its own event (one chunk each at this size), then the result with the info.
+    assert [e.WhichOneof("event") for e in events] == ["progress"] * 7 + ["image"] * 2 + ["result"]
+    result = collect_stream(events)
     assert [(img.seed, img.index) for img in result.images] == [(3, 0), (4, 1)]
     info = result.info
     assert (info.model, info.scheduler, info.steps, info.width, info.height) == ("tiny-sd15", "euler", 7, 64, 64)

@@ -264,7 +264,7 @@ def killable(procs):
 def test_a_replica_killed_mid_call_is_retried_once_on_another(procs, killable):
     before = metric(procs.metrics("orch-k"), "diffmesh_stage_retries_total", stage="denoiser")
     request = build_request("retry me", model="tiny-sd15", width=128, height=128, steps=80, guidance_scale=1.0, seed=11)
-    steps, result, victim = [], None, None
+    steps, images, result, victim = [], [], None, None
     with MeshClient(procs.address("orch-k")) as client:
         for event in client.generate_stream(request, timeout=120):
             if event.HasField("progress"):
@@ -275,9 +275,11 @@ def test_a_replica_killed_mid_call_is_retried_once_on_another(procs, killable):
                     assert len(busy) == 1, busy
                     victim = busy[0]
                     procs.process(victim).kill()
+            elif event.HasField("image"):
+                images.append(event.image)
             else:
                 result = event.result
-    assert victim is not None and result is not None and len(result.images) == 1
+    assert victim is not None and result is not None and len(images) == 1 and images[0].last
     survivor = next(n for n in killable if n != victim)
     served = [t for t in result.info.timings if t.stage == "denoiser"]
     assert len(served) == 1 and procs.process(survivor).poll() is None

@@ -15,3 +15,4 @@ def test_stage_channels_balance_per_call_and_never_retry_themselves():
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     assert "retryPolicy" not in json.dumps(config)
     assert options["grpc.max_receive_message_length"] == 64 * 1024 * 1024
+    assert options["grpc.max_reconnect_backoff_ms"] <= 5_000  # a returning replica is seen within seconds

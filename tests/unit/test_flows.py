@@ -105,8 +105,11 @@ def test_progress_streams_while_steps_run_then_the_result_and_nothing_is_left_pe
         pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         return events, pending
     events, pending = asyncio.run(main())
-    assert [(e.progress.step, e.progress.phase) for e in events[:-1]] == [(1, "faces"), (2, "faces")]
-    assert events[-1].result.images[0].image.data == b"png" and events[-1].result.info.request_id == "r1"
+    assert [e.WhichOneof("event") for e in events] == ["progress", "progress", "image", "result"]
+    assert [(e.progress.step, e.progress.phase) for e in events[:2]] == [(1, "faces"), (2, "faces")]
+    image = events[2].image
+    assert (image.index, image.seed, image.data, image.last, image.file_size) == (0, 1, b"png", True, 3)
+    assert events[-1].result.info.request_id == "r1" and not events[-1].result.images  # images came as events
     assert pending == []
 
 
@@ -151,3 +154,138 @@ def test_finalize_drains_in_flight_shadow_calls_then_closes_the_channels():
         return finished, channel.get_state()
     finished, state = asyncio.run(main())
     assert finished == [True] and state == grpc.ChannelConnectivity.SHUTDOWN
+
+
+# --- reply sizes, image chunks, reassembly -------------------------------------------------
+
+def generated(index, data, seed=7):
+    return orchestrator_pb2.GeneratedImage(
+        image=common_pb2.EncodedImage(data=data, mime_type="image/png", width=3, height=2), seed=seed, index=index)
+
+
+def test_images_are_split_into_ordered_chunks_that_collect_stream_reassembles():
+    from diffmesh.client import collect_stream
+    from services.orchestrator.replies import image_chunks
+
+    images = [generated(0, bytes(range(256)) * 10, seed=5), generated(1, b"", seed=6), generated(2, b"abc", seed=7)]
+    chunks = list(image_chunks(images, 1000))
+    assert [(c.index, c.chunk, c.offset, len(c.data), c.last) for c in chunks] == [
+        (0, 0, 0, 1000, False), (0, 1, 1000, 1000, False), (0, 2, 2000, 560, True), (1, 0, 0, 0, True),
+        (2, 0, 0, 3, True)]
+    assert all(len(c.data) <= 1000 for c in chunks)
+    info = orchestrator_pb2.GenerationInfo(request_id="r9")
+    events = ([orchestrator_pb2.GenerateEvent(progress=orchestrator_pb2.StepProgress(step=1))]
+              + [orchestrator_pb2.GenerateEvent(image=c) for c in chunks]
+              + [orchestrator_pb2.GenerateEvent(result=orchestrator_pb2.GenerateResponse(info=info))])
+    seen = []
+    response = collect_stream(events, seen.append)
+    assert list(response.images) == images and response.info.request_id == "r9" and [p.step for p in seen] == [1]
+
+
+def test_collect_stream_refuses_a_stream_with_a_missing_chunk_or_no_result():
+    from diffmesh.client import IncompleteStream, collect_stream
+    from services.orchestrator.replies import image_chunks
+
+    chunks = [orchestrator_pb2.GenerateEvent(image=c) for c in image_chunks([generated(0, b"x" * 30)], 10)]
+    result = orchestrator_pb2.GenerateEvent(result=orchestrator_pb2.GenerateResponse())
+    with pytest.raises(IncompleteStream, match="expected offset 10"):
+        collect_stream([chunks[0], chunks[2], result])
+    with pytest.raises(IncompleteStream, match="without their last chunk"):
+        collect_stream([chunks[0], result])
+    with pytest.raises(IncompleteStream, match="without a result"):
+        collect_stream(chunks)
+
+
+def test_the_worst_case_file_bound_holds_for_incompressible_images_in_every_format():
+    from diffmesh.imaging import encode_image
+    from services.orchestrator.replies import max_file_bytes
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    binary = (rng.integers(0, 2, (96, 160, 3)) * 255).astype(np.uint8)
+    for pixels in (noise, binary, np.zeros((8, 8, 3), np.uint8)):
+        height, width = pixels.shape[:2]
+        for fmt in (common_pb2.PNG, common_pb2.JPEG, common_pb2.WEBP):
+            for level in (0, 1, 9):
+                size = len(encode_image(pixels, fmt, 100, level).data)
+                assert size <= max_file_bytes(width, height, fmt), (fmt, level, size)
+    # PNG's bound is the raw scanlines plus framing: 3 images of 768x768 cannot fit 4 MiB.
+    assert 3 * max_file_bytes(768, 768, common_pb2.PNG) > 4 * 1024 * 1024 > max_file_bytes(1024, 1024, common_pb2.PNG)
+
+
+def test_unary_reply_checks_fail_with_failed_precondition_and_say_what_to_do():
+    from services.orchestrator.replies import check_predicted, check_reply
+
+    check_predicted(2, 768, 768, common_pb2.PNG, 4 * 1024 * 1024)
+    with pytest.raises(FailedPrecondition, match="use GenerateStream") as info:
+        check_predicted(3, 768, 768, common_pb2.PNG, 4 * 1024 * 1024)
+    assert info.value.code == "FAILED_PRECONDITION" and "max_unary_reply_mb" in str(info.value)
+    reply = orchestrator_pb2.GenerateResponse(images=[generated(0, b"x" * 5000)])
+    check_reply(reply, 6000)
+    with pytest.raises(FailedPrecondition, match="reply is .* MiB, over this server's unary reply limit"):
+        check_reply(reply, 4000)
+
+
+# --- readiness before a flow ----------------------------------------------------------------
+
+def test_a_stage_with_nothing_listening_fails_unavailable_before_any_step_works():
+    from diffmesh.errors import Unavailable
+    from diffmesh.mesh import free_port
+
+    async def main():
+        log: list[str] = []
+        flow = Flow("needs-vae", (Writes("first", log=log, writes=("files",), stages=("vae",)),))
+        run = run_context([StageRoute("vae", f"127.0.0.1:{free_port()}")])
+        with pytest.raises(Unavailable, match="stage vae is unavailable"):
+            async for _ in run_flow(flow, RequestState(fake_plan()), run):
+                pass
+        await run.clients.close()
+        return log
+    assert asyncio.run(main()) == []
+
+
+def test_a_reachable_stage_passes_the_readiness_check_without_waiting():
+    from services.orchestrator.clients import reachable
+
+    async def main():
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        clients = StageClients([StageRoute("vae", f"127.0.0.1:{port}")], 4)
+        channel = clients.router.channel("vae", "stable")
+        first = await reachable(channel, 5.0)       # connecting: waits for the connection
+        started = asyncio.get_running_loop().time()
+        second = await reachable(channel, 5.0)      # READY: no wait
+        waited = asyncio.get_running_loop().time() - started
+        await clients.check_reachable(["vae"], CallContext("r1", "k", Deadline(30)), 1.0)
+        await clients.close()
+        await server.stop(0)
+        return first, second, waited
+    first, second, waited = asyncio.run(main())
+    assert first and second and waited < 0.05
+
+
+def test_a_cancelled_flow_waits_for_its_steps_to_finish_cleaning_up():
+    class Cleanup(Step):
+        name, writes = "slow", ("files",)
+        finished = False
+
+        async def run(self, state, run):
+            try:
+                await asyncio.sleep(30)
+            finally:
+                await asyncio.sleep(0.05)  # e.g. a stage call being cancelled, a span ending
+                Cleanup.finished = True
+
+    async def main():
+        events = run_flow(Flow("slow", (Cleanup(),)), RequestState(fake_plan()), run_context())
+        consumer = asyncio.ensure_future(events.__anext__())
+        await asyncio.sleep(0.05)
+        consumer.cancel()  # what grpc does on a deadline or a client's cancel
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        finished_when_cancelled = Cleanup.finished
+        await events.aclose()
+        return finished_when_cancelled, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    finished, pending = asyncio.run(main())
+    assert finished and pending == []

@@ -57,7 +57,8 @@ class OrchestratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Same request; streams per-step progress, then one final event with the images.
+        """Same request; streams per-step progress, then each image (in chunks), then one final event
+        with the reply's info (see GenerateEvent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
