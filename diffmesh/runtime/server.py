@@ -220,6 +220,44 @@ class _Call:
     request: Any = None  # the parsed request message
 
 
+def _parsing_first(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A library service's handler (health, reflection) that parses its requests itself, so
+    bytes that are not a valid message get INVALID_ARGUMENT rather than grpc's UNKNOWN."""
+    deserialize, message_class = handler.request_deserializer, request_class(method)
+    if deserialize is None or message_class is None:
+        return handler
+    name = message_class.DESCRIPTOR.full_name
+
+    async def parse(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return deserialize(raw)  # the library's own class (v1 reflection is served by v1alpha's)
+        except DecodeError as exc:
+            detail = str(exc).rpartition(": ")[2] or type(exc).__name__
+            error = errors.InvalidArgument("request", f"{len(raw)} bytes", f"not a valid {name} message: {detail}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error),
+                                trailing_metadata(error.code, str(error), error.violations))
+
+    codecs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await handler.unary_unary(await parse(raw, context), context)
+        return grpc.unary_unary_rpc_method_handler(unary, **codecs)
+    if handler.unary_stream:
+        async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for item in handler.unary_stream(await parse(raw, context), context):
+                yield item
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **codecs)
+    if handler.stream_stream:
+        async def stream_stream(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def parsed() -> AsyncIterator[Any]:
+                async for raw in raws:
+                    yield await parse(raw, context)
+            async for item in handler.stream_stream(parsed(), context):
+                yield item
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **codecs)
+    return handler
+
+
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Per call, for every stage's own services: answers UNAVAILABLE until models are loaded;
     turns MeshError into its status code and any other exception into INTERNAL (logged once), so
@@ -235,8 +273,10 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method.lstrip("/").startswith(_ALWAYS_ON):
+        if handler is None:
             return handler
+        if details.method.lstrip("/").startswith(_ALWAYS_ON):
+            return _parsing_first(handler, details.method)
         method = details.method
         message_class = request_class(method)
         if handler.unary_unary:
