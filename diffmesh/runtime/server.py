@@ -258,6 +258,15 @@ def _parsing_first(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMetho
     return handler
 
 
+class _ParsingFirst(grpc.aio.ServerInterceptor):
+    """For the health-only probe port: malformed requests get INVALID_ARGUMENT there too."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        return handler if handler is None else _parsing_first(handler, details.method)
+
+
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Per call, for every stage's own services: answers UNAVAILABLE until models are loaded;
     turns MeshError into its status code and any other exception into INTERNAL (logged once), so
@@ -463,7 +472,7 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     health_server = None
     if config.health_port:
         # Probes only: this port serves nothing but health, so it can stay plaintext under mTLS.
-        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_server = grpc.aio.server(interceptors=[_ParsingFirst()], options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         try:
             health_bound = health_server.add_insecure_port(f"{config.host}:{config.health_port}")

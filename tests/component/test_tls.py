@@ -88,6 +88,11 @@ def test_the_health_port_serves_probes_in_plaintext_and_nothing_else(tls_mesh):
         with pytest.raises(grpc.RpcError) as info:
             list(denoiser_pb2_grpc.DenoiserStub(channel).Denoise(denoiser_pb2.DenoiseRequest(), timeout=5))
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # Bytes that are not a HealthCheckRequest: INVALID_ARGUMENT, as on the main port.
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/grpc.health.v1.Health/Check")(b"\x0a\x7fshort", timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "grpc.health.v1.HealthCheckRequest" in info.value.details()
 
 
 def test_tls_settings_are_checked(tmp_path):
