@@ -123,7 +123,8 @@ class LocalMesh:
         orchestrator runs no model: one. The other compute processes (denoisers, replicas and
         canaries included) share the host's CPUs: each keeping torch's default, one thread per CPU,
         oversubscribes the host (two denoisers on 2 CPUs: 16-35 s per request, 0.5-1.8 s with one
-        thread each). A --torch-threads in a process's extra args still overrides this."""
+        thread each); a single one keeps torch's default (0). A --torch-threads in a process's extra
+        args still overrides this."""
         spec = STAGES[instance.stage]
         if spec.local_torch_threads:
             return spec.local_torch_threads
@@ -132,7 +133,11 @@ class LocalMesh:
         running_extra = [i for i in self.extra if i.name in self.processes or i == instance]  # spawn()ed
         sharing = [i for i in self.instances() + running_extra
                    if STAGES[i.stage].role is Role.BACKEND and not STAGES[i.stage].local_torch_threads]
-        return max(1, host_cpus() // max(1, len(sharing)))
+        if len(sharing) <= 1:
+            # Alone on the host: torch's default. Measured by the bench on 2 CPUs: an explicit
+            # torch.set_num_threads(2) made the tiny SDXL loop 2.5x slower than the default (also 2).
+            return 0
+        return max(1, host_cpus() // len(sharing))
 
     def _launch(self, instance: Instance, args: Sequence[str], detach: bool) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
