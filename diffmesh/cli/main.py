@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from diffmesh.cli.render import format_timings
+from diffmesh.cli.render import PhaseBars, format_timings
 from diffmesh.stages import STAGES
 
 DEFAULT_MODELS_ROOT = Path(".models")
@@ -54,7 +54,6 @@ def _output_paths(out: Path, count: int) -> list[Path]:
 
 def _generate(args: argparse.Namespace) -> int:
     import grpc
-    from tqdm import tqdm
 
     from diffmesh.client import IncompleteStream, MeshClient, build_request, collect_stream, field_violations
 
@@ -75,14 +74,10 @@ def _generate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"diffmesh generate: {exc}", file=sys.stderr)
         return 2
-    bars: dict[str, tqdm] = {}  # one progress bar per phase of the flow ("base", "faces", ...)
+    bars = PhaseBars(sys.stderr, disable=args.json)
 
     def on_progress(progress) -> None:
-        phase = progress.phase or "base"
-        if phase not in bars:
-            bars[phase] = tqdm(total=progress.total_steps, unit="it", desc=phase, disable=args.json,
-                               file=sys.stderr, position=len(bars))
-        bars[phase].update(progress.step - bars[phase].n)
+        bars.update(progress)
         if args.preview_dir:
             _write_previews(Path(args.preview_dir), progress)
 
@@ -100,8 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"  {violation.field}: {violation.reason} (got {violation.value}){where}", file=sys.stderr)
         return 1
     finally:
-        for bar in bars.values():
-            bar.close()
+        bars.close()
     paths = _output_paths(out, len(result.images))
     for path, image in zip(paths, result.images):
         path.parent.mkdir(parents=True, exist_ok=True)

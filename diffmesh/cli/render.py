@@ -1,5 +1,32 @@
-"""How the CLI prints a response's timings (shared by `generate` and `demo`)."""
+"""How the CLI shows a request: progress bars per phase, and the response's timings (shared by
+`generate` and `demo`)."""
 from __future__ import annotations
+
+from typing import IO, Any
+
+
+class PhaseBars:
+    """One progress bar per phase of the flow ("base", then "faces", ...), each created when its
+    phase's first step arrives, stacked in arrival order."""
+
+    def __init__(self, file: IO[str], disable: bool = False) -> None:
+        self.file = file
+        self.disable = disable
+        self.bars: dict[str, Any] = {}
+
+    def update(self, progress: Any) -> None:
+        from tqdm import tqdm
+
+        phase = progress.phase or "base"
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=progress.total_steps, unit="it", desc=phase, file=self.file,
+                                          disable=self.disable, position=len(self.bars), leave=True)
+        bar.update(progress.step - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 def format_timings(info) -> str:
