@@ -16,9 +16,9 @@ import numpy as np
 
 from diffmesh.client import wait_for_serving
 from diffmesh.mesh import free_port
-from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc, vae_pb2, \
-    vae_pb2_grpc
+from diffmesh.proto.v1 import denoiser_pb2_grpc, vae_pb2, vae_pb2_grpc
 from diffmesh.runtime import codec
+from tests.component.stage_calls import denoise_request
 
 GRACE_S = 1.0
 EXIT_SLACK_S = 2.0  # after the grace period: answering UNAVAILABLE, finalize, flushing logs
@@ -82,13 +82,8 @@ def test_a_denoiser_stream_past_the_grace_period_ends_unavailable(registry):
     try:
         wait_for_serving(encoder_address, 60)
         wait_for_serving(address, 60)
-        with grpc.insecure_channel(encoder_address) as channel:
-            embeds = text_encoder_pb2_grpc.TextEncoderStub(channel).Encode(text_encoder_pb2.EncodeTextRequest(
-                model_id="tiny-sd15", prompt="a cat", with_negative=True), timeout=30)
-        request = denoiser_pb2.DenoiseRequest(
-            model_id="tiny-sd15", scheduler="euler", steps=150, guidance_scale=5.0, width=512, height=512,
-            seeds=[1, 2, 3, 4], prompt_embeds=embeds.prompt_embeds,
-            negative_prompt_embeds=embeds.negative_prompt_embeds)
+        request = denoise_request(encoder_address, "tiny-sd15", scheduler="euler", steps=150, guidance_scale=5.0,
+                                  width=512, height=512, seeds=[1, 2, 3, 4])
         events, outcome = [], {}
         with grpc.insecure_channel(address) as channel:
             stream = denoiser_pb2_grpc.DenoiserStub(channel).Denoise(request, timeout=60)

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Iterator
@@ -19,8 +18,9 @@ import pytest
 
 from diffmesh.client import wait_for_serving
 from diffmesh.mesh import free_port
+from tests.component.stage_calls import denoise_request
 from diffmesh.models.registry import write_registry
-from diffmesh.proto.v1 import denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc
+from diffmesh.proto.v1 import denoiser_pb2_grpc
 
 
 def start(stage: str, registry: Path, *args: str) -> tuple[subprocess.Popen, str]:
@@ -36,14 +36,8 @@ def test_sigterm_finishes_the_in_flight_loop_then_exits_0(registry):
     try:
         wait_for_serving(encoder_address, 60)
         wait_for_serving(address, 60)
-        with grpc.insecure_channel(encoder_address) as channel:
-            embeds = text_encoder_pb2_grpc.TextEncoderStub(channel).Encode(text_encoder_pb2.EncodeTextRequest(
-                model_id="tiny-sdxl", prompt="a cat", with_negative=True), timeout=30)
-        request = denoiser_pb2.DenoiseRequest(
-            model_id="tiny-sdxl", scheduler="euler", steps=60, guidance_scale=5.0, width=128, height=128, seeds=[1],
-            prompt_embeds=embeds.prompt_embeds, negative_prompt_embeds=embeds.negative_prompt_embeds,
-            pooled_prompt_embeds=embeds.pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=embeds.negative_pooled_prompt_embeds)
+        request = denoise_request(encoder_address, "tiny-sdxl", scheduler="euler", steps=60, guidance_scale=5.0,
+                                  width=128, height=128, seeds=[1])
         with grpc.insecure_channel(address) as channel:
             stream = denoiser_pb2_grpc.DenoiserStub(channel).Denoise(request, timeout=60)
             first = next(stream)
