@@ -46,7 +46,12 @@ COPY pyproject.toml /src/
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
- && pip install --no-deps open_clip_torch==3.3.0
+ && pip install --no-deps open_clip_torch==3.3.0 \
+ && if [ "$VARIANT" = cuda ]; then \
+      pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.32.0; \
+    fi
+# (the cuda image's face stage runs insightface's ONNX packs on onnxruntime-gpu: CUDA provider
+# first, CPU fallback; the same onnxruntime version as the CPU image's)
 
 # The project itself (generated gRPC code is committed under diffmesh/proto). The check imports
 # every stage's entry module as declared in the stage table (diffmesh/stages.py), so a stage
@@ -83,9 +88,9 @@ WORKDIR /home/diffmesh
 USER 10001:10001
 
 # Each stage's default gRPC port from diffmesh/stages.py (orchestrator 50051, text_encoder 50061,
-# denoiser 50062, vae 50063) and the metrics port (metrics 9090); tests/deploy checks them
+# denoiser 50062, vae 50063, face 50064) and the metrics port (metrics 9090); tests/deploy checks them
 # against the table. Documentation only: the chart sets each container's ports.
-EXPOSE 50051 50061 50062 50063 9090
+EXPOSE 50051 50061 50062 50063 50064 9090
 
 ENTRYPOINT ["python", "-m"]
 CMD ["services.orchestrator"]

@@ -105,6 +105,19 @@ def _extras_rows(extras: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _faces_rows(faces: dict[str, Any]) -> list[Row]:
+    rows = []
+    for n, f in faces["faces_per_second"].items():
+        rows.append(Row(f"face detailing, {n} face(s) in one image: faces/s batched / one per call (p50)",
+                        f"{f['batched_faces_per_s']:.1f} / {f['one_per_call_faces_per_s']:.1f} "
+                        f"({f['speedup_p50']:.2f}x; re-render {f['batched_rerender']['p50_ms']:.0f} / "
+                        f"{f['one_per_call_rerender']['p50_ms']:.0f} ms)"))
+    a, b = faces["analyze_grpc"], faces["analyze_in_process"]
+    rows.append(Row(f"face stage Analyze on t1.jpg ({a['faces']} faces, {a['model']}) p50 / p95",
+                    f"{a['p50_ms']:.1f} / {a['p95_ms']:.1f} ms (in-process {b['p50_ms']:.1f} ms)"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench.json")
@@ -123,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-hops", action="store_true")
     parser.add_argument("--skip-extras", action="store_true", help="skip tracing/previews/per-step ratios")
+    parser.add_argument("--skip-faces", action="store_true", help="skip face detailing and analysis")
     args = parser.parse_args(argv)
 
     os.chdir(ROOT)  # LocalMesh runs `python -m services.<stage>` from here
@@ -174,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             rows += _extras_rows(result["extras"])
         except Exception as exc:  # noqa: BLE001
             errors["extras"] = f"{type(exc).__name__}: {exc}"
+    if not args.skip_faces:
+        from bench.faces import run_faces
+        print("face detailing: batched vs one face per call, N = 1, 2, 4; face analysis latency ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            result["faces"] = run_faces(args.models)
+            result["faces"]["elapsed_s"] = time.perf_counter() - t0
+            rows += _faces_rows(result["faces"])
+        except Exception as exc:  # noqa: BLE001
+            errors["faces"] = f"{type(exc).__name__}: {exc}"
     result["errors"] = errors
 
     if "hops" in result and "what_if" in result["hops"]:

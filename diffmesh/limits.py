@@ -6,10 +6,11 @@ bound and the same default.
 Each mixin is one concern; a service's config inherits the ones it enforces (a setting a stage
 would not use is not one of its settings, so an unknown DIFFMESH_* variable still fails start-up):
 
-    orchestrator   ImageSize, Steps, Batch, Prompt, ImageMemory
+    orchestrator   ImageSize, Steps, Batch, Prompt, ImageMemory, Face
     text_encoder   Prompt, TokenWindows
     denoiser       ImageSize, Steps, Batch, TokenWindows
     vae            ImageSize, Batch, ImageMemory
+    face           ImageSize, Batch, ImageMemory, Face
 """
 from __future__ import annotations
 
@@ -71,3 +72,11 @@ class ImageMemoryLimits:
     @property
     def max_image_decode_bytes(self) -> int:
         return self.max_image_decode_mb * MIB
+
+
+@dataclass
+class FaceLimits:
+    max_reference_faces: int = setting(8, "most reference photos one request may give (the face_weight "
+                                          "repeats included: each adds identity tokens to the prompt)", min=1)
+    max_detected_faces: int = setting(32, "most faces one image's analysis returns (highest scores first)",
+                                      min=1)

@@ -90,6 +90,8 @@ STAGES = StageTable((
               loads=("pipeline",), gpu=True),
     StageSpec("vae", "services.vae.main", "diffmesh.v1.Vae", 50063, Role.BACKEND,
               loads=("pipeline",), gpu=True, local_torch_threads=1),
+    StageSpec("face", "services.face.main", "diffmesh.v1.FaceService", 50064, Role.BACKEND,
+              loads=("face_analysis", "identity_encoder"), need=Need.OPTIONAL, gpu=True, local_torch_threads=1),
     StageSpec("orchestrator", "services.orchestrator.main", "diffmesh.v1.Orchestrator", 50051, Role.FRONTEND,
               loads=("pipeline",)),  # reads the pipelines' configs (its catalog), loads no weights
 ))

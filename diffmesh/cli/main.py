@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from diffmesh.cli.render import PhaseBars, format_timings
+from diffmesh.cli.render import PhaseBars, format_faces, format_timings
 from diffmesh.stages import STAGES
 
 DEFAULT_MODELS_ROOT = Path(".models")
@@ -70,7 +70,10 @@ def _generate(args: argparse.Namespace) -> int:
             guidance_rescale=args.guidance_rescale, change_map=Path(args.change_map) if args.change_map else None,
             mask=Path(args.mask) if args.mask else None, mask_feather=args.mask_feather,
             paste_back=args.paste_back, preview_every=args.preview_every or (1 if args.preview_dir else 0),
-            init_image=Path(args.init_image) if args.init_image else None)
+            init_image=Path(args.init_image) if args.init_image else None,
+            reference_faces=[Path(face) for face in args.face], face_weight=args.face_weight,
+            detail_faces=args.detail_faces, base_image=Path(args.base_image) if args.base_image else None,
+            face_detailing=_face_detailing(args))
     except (OSError, ValueError) as exc:
         print(f"diffmesh generate: {exc}", file=sys.stderr)
         return 2
@@ -105,14 +108,118 @@ def _generate(args: argparse.Namespace) -> int:
 
         info = MessageToDict(result.info, preserving_proto_field_name=True)
         info["images"] = [{"path": str(p), "seed": img.seed, "index": img.index, "width": img.image.width,
-                           "height": img.image.height, "mime_type": img.image.mime_type}
+                           "height": img.image.height, "mime_type": img.image.mime_type,
+                           **({"faces": _face_report(img.faces)} if img.HasField("faces") else {})}
                           for p, img in zip(paths, result.images)]
         print(json.dumps(info, indent=2))
     else:
         for path, image in zip(paths, result.images):
-            print(f"{path}  seed={image.seed}")
+            print(f"{path}  seed={image.seed}{format_faces(image.faces) if image.HasField('faces') else ''}")
         print(format_timings(result.info))
     return 0
+
+
+# generate's face-detailing flags -> FaceDetailing fields (flag dest, field name).
+_FACE_OPTIONS = (("face_prompt", "prompt"), ("face_negative_prompt", "negative_prompt"),
+                 ("face_confidence", "confidence"), ("face_min_ratio", "min_ratio"), ("face_max_ratio", "max_ratio"),
+                 ("face_max", "max_faces"), ("face_padding", "padding"), ("face_size", "size"),
+                 ("face_max_magnification", "max_magnification"), ("face_dilate", "mask_dilate"),
+                 ("face_blur", "mask_blur"), ("face_strength", "strength"), ("face_guidance", "guidance_scale"),
+                 ("face_steps", "steps"), ("face_scheduler", "scheduler"), ("face_merge_step", "start_merge_step"),
+                 ("face_style_strength", "style_strength"), ("trigger_word", "trigger_word"),
+                 ("face_model", "face_model"), ("identity_model", "identity_model"))
+
+
+def _face_detailing(args: argparse.Namespace) -> dict | None:
+    from diffmesh.proto.v1 import orchestrator_pb2
+
+    fields = {name: getattr(args, dest) for dest, name in _FACE_OPTIONS if getattr(args, dest) is not None}
+    if args.face_mask:
+        fields["mask_shape"] = orchestrator_pb2.FaceMaskShape.Value(f"FACE_MASK_SHAPE_{args.face_mask.upper()}")
+    if args.face_anchors:
+        fields["timestep_anchors"] = _anchors(args.face_anchors)
+    if args.no_color_match:
+        fields["color_match"] = False
+    return fields or None
+
+
+def _face_report(report) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    info = MessageToDict(report, preserving_proto_field_name=True)
+    for face in info.get("faces", []):
+        face.pop("mask", None)  # PNG bytes: not for a terminal
+    return info
+
+
+def _faces(args: argparse.Namespace) -> int:
+    """`diffmesh faces IMAGE`: the face analysis as JSON, in-process from the registry's face pack,
+    or from a running face stage with --address."""
+    from diffmesh.imaging import decode_image
+    from diffmesh.errors import InvalidArgument
+
+    try:
+        pixels = decode_image(Path(args.image).read_bytes(), "image")
+    except (OSError, InvalidArgument) as exc:
+        print(f"diffmesh faces: {exc}", file=sys.stderr)
+        return 2
+    if args.address:
+        faces, model_id, dim = _faces_remote(args, pixels)
+    else:
+        faces, model_id, dim = _faces_local(args, pixels)
+    if faces is None:
+        return 1
+    print(json.dumps({"image": args.image, "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
+                      "model": model_id, "embedding_dim": dim, "faces": faces}, indent=2))
+    return 0
+
+
+def _face_json(face, embeddings: bool) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    from diffmesh.runtime import codec
+
+    info = MessageToDict(face, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for name in ("embedding", "normed_embedding"):
+        info.pop(name, None)
+        if embeddings and face.HasField(name):
+            info[name] = [round(float(v), 6) for v in codec.to_numpy(getattr(face, name), name)]
+    return info
+
+
+def _faces_local(args: argparse.Namespace, pixels):
+    from diffmesh.models.registry import Kind, ModelError, Registry
+    from services.face.analysis import load_face_pack
+    from services.face.servicer import detected_face_message
+
+    try:
+        registry = Registry.load(Path(args.registry))
+        model_id = args.model or (registry.ids(kinds=(Kind.FACE_ANALYSIS,)) or [""])[0]
+        if not model_id:
+            raise ModelError(f"registry {args.registry} has no face_analysis pack")
+        pack = load_face_pack(registry.get(model_id))
+    except ModelError as exc:
+        print(f"diffmesh faces: {exc}", file=sys.stderr)
+        return None, "", 0
+    found = pack.analyze(pixels, min_score=args.min_score)
+    return [_face_json(detected_face_message(face), args.embeddings) for face in found], model_id, pack.embedding_dim
+
+
+def _faces_remote(args: argparse.Namespace, pixels):
+    import grpc
+
+    from diffmesh.proto.v1 import face_pb2, face_pb2_grpc
+    from diffmesh.runtime import codec
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = face_pb2_grpc.FaceServiceStub(channel).Analyze(
+                face_pb2.AnalyzeRequest(model_id=args.model, images=[codec.from_numpy(pixels)],
+                                        min_score=args.min_score), timeout=60)
+        except grpc.RpcError as exc:
+            print(f"diffmesh faces: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return None, "", 0
+    return [_face_json(face, args.embeddings) for face in reply.images[0].faces], reply.model_id, reply.embedding_dim
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -244,6 +351,43 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", default="127.0.0.1:50051")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.add_argument("--json", action="store_true", help="print the response metadata as JSON")
+    faces = gen.add_argument_group("faces", "two-stage generation: re-render each face (face detailing), with the "
+                                            "identity of reference photos (PhotoMaker V2)")
+    faces.add_argument("--face", action="append", default=[], metavar="PATH", help="a reference photo; repeatable")
+    faces.add_argument("--face-weight", type=int, help="count each reference this many times (1-4)")
+    faces.add_argument("--detail-faces", action="store_true", help="detail the faces without references")
+    faces.add_argument("--base-image", help="detail the faces of this photo instead of generating the base")
+    faces.add_argument("--face-prompt", help="per-face prompts: [SEP] between faces (reading order), [SKIP] skips one")
+    faces.add_argument("--face-negative-prompt")
+    faces.add_argument("--face-confidence", type=float, help="minimum detection score (default 0.3)")
+    faces.add_argument("--face-min-ratio", type=float, help="minimum face area / image area")
+    faces.add_argument("--face-max-ratio", type=float, help="maximum face area / image area")
+    faces.add_argument("--face-max", type=int, help="keep the k largest faces")
+    faces.add_argument("--face-padding", type=float, help="context around each face, share of its size (0.5)")
+    faces.add_argument("--face-size", type=int, help="detailing size (default: the model's, 1024 for SDXL)")
+    faces.add_argument("--face-max-magnification", type=float, help="never upscale a crop more than this (4)")
+    faces.add_argument("--face-mask", choices=("ellipse", "landmarks"), help="soft mask shape")
+    faces.add_argument("--face-dilate", type=int, help="grow (negative: shrink) the mask, pixels (4)")
+    faces.add_argument("--face-blur", type=float, help="mask blur radius, pixels (4)")
+    faces.add_argument("--face-strength", type=float, help="denoise strength (0.4)")
+    faces.add_argument("--face-guidance", type=float, help="CFG scale of the detailing pass (4)")
+    faces.add_argument("--face-steps", type=int, help="steps of the detailing schedule (20)")
+    faces.add_argument("--face-scheduler", help="scheduler of the detailing pass (default: the request's)")
+    faces.add_argument("--face-anchors", help="detailing timestep anchors ('default': 999, 845, ..., 13)")
+    faces.add_argument("--face-merge-step", type=int, help="identity joins after this step (10)")
+    faces.add_argument("--face-style-strength", type=float, help="or: identity joins after this %% of the steps")
+    faces.add_argument("--trigger-word", help="PhotoMaker's trigger word (img)")
+    faces.add_argument("--face-model", help="face_analysis pack id")
+    faces.add_argument("--identity-model", help="identity_encoder id")
+    faces.add_argument("--no-color-match", action="store_true", help="paste faces back without colour matching")
+
+    analyze = sub.add_parser("faces", help="print an image's face analysis as JSON")
+    analyze.add_argument("image")
+    analyze.add_argument("--registry", default=str(DEFAULT_MODELS_ROOT / "registry.yaml"))
+    analyze.add_argument("--model", default="", help="face_analysis pack id (default: the registry's first)")
+    analyze.add_argument("--address", help="ask a running face stage (host:port) instead of loading the pack here")
+    analyze.add_argument("--min-score", type=float, default=0.0)
+    analyze.add_argument("--embeddings", action="store_true", help="include the identity embeddings")
 
     schedulers = sub.add_parser("schedulers", help="list the scheduler names")
     schedulers.add_argument("--aliases", action="store_true", help="include diffusers class names")
@@ -275,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"models": _models, "generate": _generate, "up": _up, "down": _down, "demo": _demo,
-                "schedulers": _schedulers}
+                "schedulers": _schedulers, "faces": _faces}
     return handlers[args.command](args)
 
 

@@ -41,3 +41,55 @@ def format_timings(info) -> str:
     if info.trace_id:
         lines.append(f"trace {info.trace_id}")
     return "\n".join(lines)
+
+
+def format_faces(report) -> str:
+    """One image's face-detailing report as a short suffix: what stage 2 did and, with
+    references, each detailed face's identity similarity."""
+    if not report.detailed:
+        return f"  faces: not detailed ({report.skipped_reason}; {report.faces_found} found)"
+    detailed = [face for face in report.faces if not face.skipped]
+    text = f"  faces: {len(detailed)} detailed of {report.faces_found} found"
+    skipped = len(report.faces) - len(detailed)
+    if skipped:
+        text += f", {skipped} [SKIP]"
+    similarities = [f"{face.identity_similarity:.2f}" if face.HasField("identity_similarity") else "-"
+                    for face in detailed]
+    if report.embedding_model:
+        text += f"; identity similarity ({report.embedding_model}) " + " ".join(similarities)
+    return text
+
+
+def face_panels(photo, result, report):
+    """The demo's face picture: the photo with each kept face's box (red) and crop (yellow), the
+    masks the detailing used overlaid (cyan, by weight), and the final image, side by side.
+    photo, result: uint8 [H, W, 3]; report: a FaceDetailingReport."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    boxes = Image.fromarray(photo).convert("RGB")
+    draw = ImageDraw.Draw(boxes)
+    weight = np.zeros(photo.shape[:2], dtype=np.float32)
+    for face in report.faces:
+        draw.rectangle([face.box.x1, face.box.y1, face.box.x2, face.box.y2], outline=(255, 0, 0), width=3)
+        if face.skipped or not face.mask.data:
+            continue
+        crop = face.crop
+        draw.rectangle([crop.x1, crop.y1, crop.x2, crop.y2], outline=(255, 220, 0), width=2)
+        mask = np.asarray(Image.open(io.BytesIO(face.mask.data)).convert("L"), dtype=np.float32) / 255.0
+        x1, y1 = int(crop.x1), int(crop.y1)
+        region = weight[y1:y1 + mask.shape[0], x1:x1 + mask.shape[1]]
+        np.maximum(region, mask[:region.shape[0], :region.shape[1]], out=region)
+    cyan = np.array([0, 255, 255], dtype=np.float32)
+    overlay = photo.astype(np.float32) * (1 - 0.6 * weight[..., None]) + cyan * 0.6 * weight[..., None]
+    panels = [np.asarray(boxes), overlay.round().astype(np.uint8), result]
+    gap = 8
+    height = max(p.shape[0] for p in panels)
+    canvas = np.full((height, sum(p.shape[1] for p in panels) + gap * (len(panels) - 1), 3), 255, dtype=np.uint8)
+    x = 0
+    for panel in panels:
+        canvas[:panel.shape[0], x:x + panel.shape[1]] = panel
+        x += panel.shape[1] + gap
+    return canvas

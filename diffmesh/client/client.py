@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,7 +32,13 @@ def build_request(prompt: str, *, negative_prompt: str | None = None, model: str
                   timestep_spacing: str = "", sigma_schedule: str = "", guidance_rescale: float | None = None,
                   change_map: bytes | Path | None = None, mask: bytes | Path | None = None,
                   mask_feather: float | None = None, paste_back: bool = False,
-                  preview_every: int = 0) -> orchestrator_pb2.GenerateRequest:
+                  preview_every: int = 0, reference_faces: Sequence[bytes | Path] = (),
+                  face_weight: int | None = None, detail_faces: bool = False,
+                  base_image: bytes | Path | None = None,
+                  face_detailing: orchestrator_pb2.FaceDetailing | dict | None = None,
+                  ) -> orchestrator_pb2.GenerateRequest:
+    """A GenerateRequest from keyword options (files as paths or bytes). face_detailing: a
+    FaceDetailing message or a dict of its fields (e.g. {"strength": 0.5, "prompt": "a [SEP] [SKIP]"})."""
     request = orchestrator_pb2.GenerateRequest(
         prompt=prompt, model=model, scheduler=scheduler, quality=quality, request_key=request_key,
         literal_prompt=literal_prompt, timesteps=timesteps or [], timestep_anchors=timestep_anchors or [],
@@ -49,10 +55,23 @@ def build_request(prompt: str, *, negative_prompt: str | None = None, model: str
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)
-    for name, value in (("init_image", init_image), ("change_map", change_map), ("mask", mask)):
+    for name, value in (("init_image", init_image), ("change_map", change_map), ("mask", mask),
+                        ("base_image", base_image)):
         if value is not None:
-            setattr(request, name, value.read_bytes() if isinstance(value, Path) else value)
+            setattr(request, name, _file_bytes(value))
+    request.reference_faces.extend(_file_bytes(face) for face in reference_faces)
+    if face_weight is not None:
+        request.face_weight = face_weight
+    request.detail_faces = detail_faces
+    if isinstance(face_detailing, dict):
+        face_detailing = orchestrator_pb2.FaceDetailing(**face_detailing)
+    if face_detailing is not None:
+        request.face_detailing.CopyFrom(face_detailing)
     return request
+
+
+def _file_bytes(value: bytes | Path) -> bytes:
+    return value.read_bytes() if isinstance(value, Path) else value
 
 
 def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
@@ -94,6 +113,8 @@ def collect_stream(events: Iterable[orchestrator_pb2.GenerateEvent],
                     image=common_pb2.EncodedImage(data=bytes(files.pop(chunk.index)), mime_type=chunk.mime_type,
                                                   width=chunk.width, height=chunk.height),
                     seed=chunk.seed, index=chunk.index)
+                if chunk.HasField("faces"):
+                    done[chunk.index].faces.CopyFrom(chunk.faces)
         elif kind == "result":
             if files:
                 raise IncompleteStream(f"image(s) {sorted(files)} ended without their last chunk")

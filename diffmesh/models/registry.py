@@ -5,7 +5,7 @@ models:
   tiny-sd15: {path: tiny-sd15}      # relative paths resolve against the registry file's folder
   sdxl-base: {path: /models/sdxl-base-1.0, kind: pipeline}   # kind defaults to pipeline
   faces: {path: /models/antelopev2, kind: face_analysis}
-  photomaker: {path: /models/photomaker-v2.bin, kind: identity_encoder}
+  photomaker: {path: /models/photomaker-v2.bin, kind: identity_encoder, base: sdxl-base}
   pixel-art: {path: /models/pixel-art.safetensors, kind: lora, base: sdxl-base}
 ```
 
@@ -60,8 +60,9 @@ class Kind(str, enum.Enum):
     SAFETY_POLICY = "safety_policy"
 
 
-# Adapters only make sense on top of one pipeline, so their entry must say which (``base:``).
-ADAPTER_KINDS: frozenset[Kind] = frozenset({Kind.LORA, Kind.CONTROLNET, Kind.IP_ADAPTER})
+# Adapters only make sense on top of one pipeline, so their entry must say which (``base:``). An
+# identity encoder is one too: PhotoMaker's checkpoint carries a LoRA for its pipeline's UNet.
+ADAPTER_KINDS: frozenset[Kind] = frozenset({Kind.LORA, Kind.CONTROLNET, Kind.IP_ADAPTER, Kind.IDENTITY_ENCODER})
 ENTRY_KEYS: tuple[str, ...] = ("path", "kind", "base")
 
 # Img2img pipeline classes share their txt2img sibling's components, so a directory saved from

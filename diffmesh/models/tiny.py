@@ -259,7 +259,49 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     finally:
         torch.random.set_rng_state(rng_state)
     write_registry(root / REGISTRY_FILE, built)
+    _build_face_models(root)
     return built
+
+
+FACE_PACK_ID = "faces"                  # the embedded default: dlib with PyPI's real weights (128-d)
+TINY_ARCFACE_PACK_ID = "faces-tiny-arcface"  # tiny ONNX models run by insightface's own code (512-d)
+# Tiny PhotoMaker V2 identity encoders for tiny-sdxl, one per face pack's embedding size (the
+# identity encoder is configured for the dimension its face pack gives).
+IDENTITY_IDS = {"photomaker-tiny": 128, "photomaker-tiny-arcface": 512}
+
+
+def _build_face_models(root: Path) -> None:
+    """The face stage's models: the dlib pack (real weights, links into face_recognition_models)
+    and the tiny insightface pack, registered as face_analysis entries."""
+    from diffmesh.models.face_packs import build_dlib_pack, build_tiny_insightface_pack
+    from diffmesh.models.registry import Kind, RegistryItem
+
+    items = {FACE_PACK_ID: RegistryItem(build_dlib_pack(root / FACE_PACK_ID), Kind.FACE_ANALYSIS),
+             TINY_ARCFACE_PACK_ID: RegistryItem(build_tiny_insightface_pack(root / TINY_ARCFACE_PACK_ID),
+                                                Kind.FACE_ANALYSIS)}
+    items.update(_build_identity_encoders(root))
+    for item in items.values():
+        if Path(item.path).is_dir():
+            _make_world_readable(Path(item.path))
+        else:
+            os.chmod(item.path, 0o644)
+        sidecar = Path(str(item.path) + ".json")
+        if sidecar.exists():
+            os.chmod(sidecar, 0o644)
+    write_registry(root / REGISTRY_FILE, items)
+
+
+def _build_identity_encoders(root: Path) -> dict[str, Any]:
+    from diffusers import UNet2DConditionModel
+
+    from diffmesh.models.photomaker import build_tiny_photomaker
+    from diffmesh.models.registry import Kind, RegistryItem
+
+    unet = UNet2DConditionModel.from_pretrained(root / SDXL_ID / "unet")
+    cross = int(unet.config.cross_attention_dim)
+    return {model_id: RegistryItem(build_tiny_photomaker(root / f"{model_id}.bin", unet, dim, cross, seed=i),
+                                   Kind.IDENTITY_ENCODER, base=SDXL_ID)
+            for i, (model_id, dim) in enumerate(IDENTITY_IDS.items())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,8 @@ import grpc
 
 from diffmesh.error_details import violations_from_metadata
 from diffmesh.errors import FailedPrecondition, FieldViolation, MeshError, Unavailable
-from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc,
-                               vae_pb2, vae_pb2_grpc)
+from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, face_pb2, face_pb2_grpc, text_encoder_pb2,
+                               text_encoder_pb2_grpc, vae_pb2, vae_pb2_grpc)
 from diffmesh.runtime import metrics, telemetry
 from diffmesh.runtime.logs import elapsed_ms, log_event
 from services.orchestrator.routing import CANARY, STABLE, StageRoute, StageRouter
@@ -220,6 +220,19 @@ class VaeClient(StageClient):
                                 self._unary_invoke(vae_pb2_grpc.VaeStub, "Encode", request))
 
 
+class FaceClient(StageClient):
+    stage = "face"
+
+    async def analyze(self, ctx: CallContext, request: face_pb2.AnalyzeRequest, phase: str) -> face_pb2.AnalyzeResponse:
+        return await self._call(ctx, "face.analyze", phase, request,
+                                self._unary_invoke(face_pb2_grpc.FaceServiceStub, "Analyze", request))
+
+    async def encode_identity(self, ctx: CallContext, request: face_pb2.EncodeIdentityRequest,
+                              phase: str) -> face_pb2.EncodeIdentityResponse:
+        return await self._call(ctx, "face.encode_identity", phase, request,
+                                self._unary_invoke(face_pb2_grpc.FaceServiceStub, "EncodeIdentity", request))
+
+
 ProgressFn = Callable[[denoiser_pb2.DenoiseProgress], None]
 
 
@@ -255,7 +268,8 @@ class DenoiserClient(StageClient):
         return await self._call(ctx, "denoiser", phase, request, stream(True), mirror=stream(False))
 
 
-CLIENTS: Mapping[str, type[StageClient]] = {cls.stage: cls for cls in (TextEncoderClient, DenoiserClient, VaeClient)}
+CLIENTS: Mapping[str, type[StageClient]] = {cls.stage: cls for cls in (TextEncoderClient, DenoiserClient, VaeClient,
+                                                                         FaceClient)}
 
 
 class StageClients:
@@ -297,6 +311,10 @@ class StageClients:
     @property
     def vae(self) -> VaeClient:
         return self.require("vae")  # type: ignore[return-value]
+
+    @property
+    def face(self) -> FaceClient:
+        return self.require("face")  # type: ignore[return-value]
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Finalize: let in-flight shadow calls finish (bounded), then close every channel."""

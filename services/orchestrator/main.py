@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from diffmesh.limits import BatchLimits, ImageMemoryLimits, ImageSizeLimits, PromptLimits, StepLimits
+from diffmesh.limits import BatchLimits, FaceLimits, ImageMemoryLimits, ImageSizeLimits, PromptLimits, StepLimits
 from diffmesh.runtime.channels import channel_target
 from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
@@ -23,7 +23,8 @@ STREAM_EVENT_OVERHEAD_KB = 4  # an image event's fields besides the data (index,
 
 
 @dataclass
-class OrchestratorSettings(ImageSizeLimits, StepLimits, BatchLimits, PromptLimits, ImageMemoryLimits, ServerConfig):
+class OrchestratorSettings(ImageSizeLimits, StepLimits, BatchLimits, PromptLimits, ImageMemoryLimits, FaceLimits,
+                           ServerConfig):
     """diffmesh orchestrator: the public API; chains the stages per request."""
 
     # max_size, max_steps, max_batch, max_prompt_chars, max_image_decode_mb: diffmesh.limits,
@@ -89,7 +90,8 @@ class OrchestratorSettings(ImageSizeLimits, StepLimits, BatchLimits, PromptLimit
                       max_size=self.max_size, max_steps=self.max_steps, max_count=self.max_count,
                       max_guidance=self.max_guidance, max_prompt_chars=self.max_prompt_chars,
                       max_init_image_bytes=self.max_init_image_mb * 1024 * 1024,
-                      max_image_decode_bytes=self.max_image_decode_bytes)
+                      max_image_decode_bytes=self.max_image_decode_bytes,
+                      max_reference_faces=self.max_reference_faces)
 
     def routes(self) -> list[StageRoute]:
         """One route per backend stage of the table (an unconfigured optional stage has none)."""

@@ -22,6 +22,7 @@ from diffmesh.models.schedulers import require_scheduler, scheduler_overrides
 from diffmesh.models.timesteps import interpolate_timesteps, validate_timesteps
 from diffmesh.proto.v1 import common_pb2, orchestrator_pb2
 from diffmesh.errors import InvalidArgument
+from services.orchestrator.face_plan import FacePlan, plan_faces
 
 MAX_SEED = 2**63 - 1
 MAX_CLIP_SKIP = 24
@@ -47,6 +48,7 @@ class Limits:
     # at most two (init image, then mask or change map while the init pixels, at most 3/10 of
     # this, are kept): its images peak below 1.3 x this, besides the request message.
     max_image_decode_bytes: int = DEFAULT_DECODE_BUDGET
+    max_reference_faces: int = 8
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class ModelCatalog:
 
     def __init__(self, registry: Registry) -> None:
         self._models: dict[str, CatalogModel] = {}
+        # Identity encoders by id -> the pipeline their LoRA belongs to: read from the registry
+        # file only (the face stage and the denoiser load them; their paths are not checked here).
+        self.identity_models: dict[str, str | None] = {
+            model_id: registry.specs[model_id].base for model_id in registry.ids(kinds=("identity_encoder",))}
         registry.verify(kinds=self.KINDS)
         for entry in registry.entries(kinds=self.KINDS):
             unet = json.loads((entry.component_dir("unet") / "config.json").read_text())
@@ -115,6 +121,7 @@ class GenerationPlan:
     mask_feather: float = 0.0
     paste_back: bool = False
     preview_every: int = 0
+    faces: FacePlan | None = None  # two-stage face detailing / identity
 
     @property
     def keep_mask(self) -> np.ndarray | None:
@@ -260,6 +267,17 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
     if not math.isfinite(feather) or not 0.0 <= feather <= MAX_FEATHER:
         raise InvalidArgument("mask_feather", feather, f"must be in [0, {MAX_FEATHER:g}] pixels")
 
+    faces = plan_faces(request, model.default_size, limits.max_steps, limits.max_guidance,
+                       limits.max_reference_faces, limits.max_image_decode_bytes, catalog.identity_models, model_id)
+    if faces is not None:
+        _check_faces(faces, limits)
+        if faces.base_pixels is not None:
+            base_h, base_w = faces.base_pixels.shape[:2]
+            if max(base_w, base_h) > limits.max_size * INIT_IMAGE_SIDE_FACTOR:
+                raise InvalidArgument("base_image", f"{base_w}x{base_h}", f"image sides must be at most "
+                                                                        f"{limits.max_size * INIT_IMAGE_SIDE_FACTOR}")
+            width, height = base_w, base_h  # stage 1 is the photo as it is
+
     return GenerationPlan(
         request_id=request_id, model=model, prompt=request.prompt, negative_prompt=negative,
         width=width, height=height, steps=steps, scheduler=scheduler, guidance_scale=float(guidance),
@@ -269,8 +287,19 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
         timesteps=timesteps, timestep_spacing=request.timestep_spacing, sigma_schedule=request.sigma_schedule,
         guidance_rescale=float(guidance_rescale), change_map=None if change_map is None else change_map[None],
         change_map_is_mask=bool(request.mask), mask_feather=float(feather), paste_back=request.paste_back,
-        preview_every=request.preview_every,
+        preview_every=request.preview_every, faces=faces,
     )
+
+
+def _check_faces(faces: FacePlan, limits: Limits) -> None:
+    options = faces.options
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(options, name)
+        if text is not None:
+            _check_prompt(f"face_detailing.{name}", text, limits, required=False)
+    if options.scheduler:
+        spec = require_scheduler(options.scheduler, "face_detailing.scheduler")
+        scheduler_overrides(spec, "", "", custom_timesteps=options.timesteps is not None)
 
 
 def _schedule(request: orchestrator_pb2.GenerateRequest, limits: Limits) -> tuple[int, list[int] | None]:

@@ -85,7 +85,10 @@ def image_chunks(images: Sequence[orchestrator_pb2.GeneratedImage],
         data = image.image.data
         offsets = range(0, max(len(data), 1), chunk_bytes)
         for number, offset in enumerate(offsets):
-            yield orchestrator_pb2.ImageChunk(
+            chunk = orchestrator_pb2.ImageChunk(
                 index=image.index, seed=image.seed, mime_type=image.image.mime_type, width=image.image.width,
                 height=image.image.height, chunk=number, offset=offset, data=data[offset:offset + chunk_bytes],
                 last=number == len(offsets) - 1, file_size=len(data))
+            if chunk.last and image.HasField("faces"):
+                chunk.faces.CopyFrom(image.faces)
+            yield chunk

@@ -21,7 +21,8 @@ from diffmesh.runtime.telemetry import annotate
 from services.orchestrator.clients import CallContext, Deadline, StageClients
 from services.orchestrator.plan import Limits, ModelCatalog, plan_request
 from services.orchestrator.replies import MIB, STOCK_CLIENT_LIMIT, check_predicted, check_reply
-from services.orchestrator.steps import Flow, FlowRun, RequestState, choose_flow, complete, run_flow
+from services.orchestrator.flows import choose_flow
+from services.orchestrator.steps import Flow, FlowRun, RequestState, complete, run_flow
 
 log = logging.getLogger("diffmesh.orchestrator")
 

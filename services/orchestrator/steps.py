@@ -49,6 +49,9 @@ class RequestState:
     latents: denoiser_pb2.DenoiseResult | None = None
     pixels: np.ndarray | None = None              # uint8 [n, H, W, 3]
     files: list[common_pb2.EncodedImage] | None = None
+    # Face detailing (face_steps): the references' identity and stage 2's planned work.
+    references: Any = None                        # face_steps.ReferenceIdentity
+    face_work: Any = None                         # face_steps.FaceWork
 
     def require(self, name: str) -> Any:
         value = getattr(self, name)
@@ -236,7 +239,8 @@ for _flow in FLOWS.values():
     _flow.check()
 
 
-def choose_flow(plan: GenerationPlan) -> Flow:
+def choose_base_flow(plan: GenerationPlan) -> Flow:
+    """Stage 1's flow (the whole flow of a request without face work: services.orchestrator.flows)."""
     if plan.change_map is not None:
         return FLOWS["inpaint"]
     if plan.is_img2img:
@@ -272,8 +276,12 @@ def response(state: RequestState, run: FlowRun, with_images: bool = True) -> orc
 
 
 def generated_images(state: RequestState) -> list[orchestrator_pb2.GeneratedImage]:
-    return [orchestrator_pb2.GeneratedImage(image=file, seed=seed, index=i)
-            for i, (file, seed) in enumerate(zip(state.require("files"), state.plan.seeds))]
+    images = [orchestrator_pb2.GeneratedImage(image=file, seed=seed, index=i)
+              for i, (file, seed) in enumerate(zip(state.require("files"), state.plan.seeds))]
+    if state.face_work is not None:
+        for image, report in zip(images, state.face_work.reports):
+            image.faces.CopyFrom(report)
+    return images
 
 
 async def require_stages(flow: Flow, run: FlowRun) -> None:

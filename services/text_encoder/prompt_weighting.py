@@ -23,6 +23,9 @@ Three steps, each plain Python / torch and testable alone:
    EOS comes right after the last token and the padding after it, as diffusers and A1111 lay it
    out; that keeps the pooled output (taken at the first EOS) right when pad != EOS (SDXL's
    tokenizer_2 pads with "!").
+   It is `token_stream` (the (id, weight) stream with BREAKs) then `chunk_tokens` (the cut, which
+   also says where given stream tokens land along the encoded sequence). Identity prompts
+   (PhotoMaker's trigger word) rewrite the stream in between: `expand_trigger`.
 
 3. `apply_weights(hidden, weights)`: A1111's "Original" emphasis, per 77-token window (A1111 runs
    it once per chunk): z = z * w per token; z = z * (mean_before / mean_after), the mean being the
@@ -34,9 +37,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Collection, Sequence, Union
 
 import torch
+
+from diffmesh.errors import InvalidArgument
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -152,32 +157,91 @@ def chunk_length(tokenizer) -> int:
     return tokenizer.model_max_length - 2
 
 
+Token = tuple[int, float]   # (id, weight)
+TokenStream = list[Union[Token, _Break]]
+
+
 def tokenize_weighted(tokenizer, parsed: Sequence[Union[Segment, _Break]]) -> list[TokenChunk]:
     """Token ids with a weight each, cut into chunks of at most 75 tokens; at least one chunk.
     A BREAK closes the current chunk (an empty one too, as in A1111) unless it is already full."""
-    size = chunk_length(tokenizer)
+    return chunk_tokens(tokenizer, token_stream(tokenizer, parsed))[0]
+
+
+def token_stream(tokenizer, parsed: Sequence[Union[Segment, _Break]]) -> TokenStream:
+    """The prompt's tokens in order, (id, weight) each, BREAK where the prompt has it: every
+    segment tokenised alone, without BOS / EOS (tokenize_weighted = token_stream + chunk_tokens)."""
     segments = [item for item in parsed if item is not BREAK]
     texts = [text for text, _ in segments]
     encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids \
         if texts else []
     token_lists = iter(encoded)
-    chunks: list[TokenChunk] = []
-    current = TokenChunk()
+    stream: TokenStream = []
     for item in parsed:
+        if item is BREAK:
+            stream.append(BREAK)
+        else:
+            stream.extend((token, item[1]) for token in next(token_lists))
+    return stream
+
+
+def chunk_tokens(tokenizer, stream: Sequence[Union[Token, _Break]], marked: Collection[int] = ()
+                 ) -> tuple[list[TokenChunk], list[int]]:
+    """A token stream cut into chunks of at most 75 tokens (at least one; a BREAK closes the current
+    chunk, an empty one too, unless it is already full), and where the tokens at the stream indices
+    `marked` land along the encoded sequence: chunk c's token j sits at c * 77 + 1 + j (each
+    77-token window starts with its BOS, see window_ids), in stream order."""
+    size = chunk_length(tokenizer)
+    width = size + 2
+    marked = set(marked)
+    chunks: list[TokenChunk] = []
+    positions: list[int] = []
+    current = TokenChunk()
+    for index, item in enumerate(stream):
         if item is BREAK:
             chunks.append(current)
             current = TokenChunk()
             continue
-        weight = item[1]
-        for token in next(token_lists):
-            if len(current.ids) == size:
-                chunks.append(current)
-                current = TokenChunk()
-            current.ids.append(token)
-            current.weights.append(weight)
+        if len(current.ids) == size:
+            chunks.append(current)
+            current = TokenChunk()
+        if index in marked:
+            positions.append(len(chunks) * width + 1 + len(current.ids))
+        current.ids.append(item[0])
+        current.weights.append(item[1])
     if current.ids or not chunks:
         chunks.append(current)
-    return chunks
+    return chunks, positions
+
+
+@dataclass(frozen=True)
+class IdentityTokens:
+    """An identity prompt's two token streams (see expand_trigger)."""
+
+    repeated: TokenStream        # trigger removed, class token repeated
+    class_indices: range         # the stream indices of the repeated class tokens in `repeated`
+    text_only: TokenStream       # trigger removed, class token once
+
+
+def expand_trigger(stream: TokenStream, trigger_id: int, repeats: int, *, trigger_word: str,
+                   field: str = "prompt") -> IdentityTokens:
+    """PhotoMaker's trigger-word rewrite on a token stream: the stream must hold `trigger_id`
+    exactly once, right after its class token (the token before it, in the same window: not first,
+    not after a BREAK). The trigger goes; the class token appears `repeats` times in all, each
+    copy with the class token's weight (the trigger's own weight is dropped). Errors name `field`
+    and carry counts, never prompt text."""
+    found = [i for i, item in enumerate(stream) if item is not BREAK and item[0] == trigger_id]
+    if len(found) != 1:
+        raise InvalidArgument(field, len(found),
+                              f'exactly one trigger word "{trigger_word}" is needed, found {len(found)}')
+    at = found[0]
+    if at == 0 or stream[at - 1] is BREAK:
+        raise InvalidArgument(field, "no class word before the trigger word",
+                              f'the trigger word "{trigger_word}" must follow its class word, '
+                              f'as in "a photo of a woman {trigger_word}" (not first, not after BREAK)')
+    class_token = stream[at - 1]
+    head, tail = list(stream[:at]), list(stream[at + 1:])
+    return IdentityTokens(repeated=head + [class_token] * (repeats - 1) + tail,
+                          class_indices=range(at - 1, at - 1 + repeats), text_only=head + tail)
 
 
 def window_ids(tokenizer, chunk: TokenChunk) -> tuple[list[int], list[float], list[int]]:

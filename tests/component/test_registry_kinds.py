@@ -1,10 +1,12 @@
-"""A registry holding entries of every kind starts every stage: each stage loads and checks only
-the kinds the stage table says it loads (diffmesh.stages StageSpec.loads), so face packs, identity
-encoders, adapters and safety policies (which no stage loads yet) neither break the pipeline
-stages nor, when unmounted, stop them.
+"""A registry holding entries of every kind starts every stage that does not load the broken
+ones: each stage loads and checks only the kinds the stage table says it loads
+(diffmesh.stages StageSpec.loads), so a face pack that is not mounted stops the face stage (a
+clear start-up error naming it) but neither the pipeline stages nor the orchestrator, and
+adapters and safety policies (which no stage loads yet) stop nothing.
 
-One mesh for the whole module (a start costs ~10 s here): its registry has an entry of every kind
-whose path exists, plus one face pack whose path does not.
+One mesh for the whole module (a start costs ~10 s here), without the face stage: its registry has
+the tiny pipelines, the tiny face pack and identity encoders, dummy entries of the kinds no stage
+loads, plus one face pack whose path does not exist.
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ def kinds_registry(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) 
     (root / "antelopev2").mkdir()  # a folder without model_index.json: not a pipeline
     for name in ("photomaker-v2.bin", "pixel.safetensors", "canny.safetensors", "ip-adapter.bin", "policy.yaml"):
         (root / name).write_bytes(b"not weights")
+    tiny = Registry.load(tiny_models / "registry.yaml")
     items = {
         SD15_ID: RegistryItem(tiny_models / SD15_ID),
         SDXL_ID: RegistryItem(tiny_models / SDXL_ID, kind=Kind.PIPELINE),
-        "faces": RegistryItem(root / "antelopev2", kind=Kind.FACE_ANALYSIS),
+        # the face stage's kinds: real (tiny) ones, which the denoiser loads too (identity LoRAs)
+        **{i: RegistryItem(tiny.path_of(i), kind=tiny.kind_of(i), base=tiny.specs[i].base)
+           for i in tiny.ids(kinds=(Kind.FACE_ANALYSIS, Kind.IDENTITY_ENCODER))},
         UNMOUNTED_FACES: RegistryItem(root / "not-mounted" / "antelopev2", kind=Kind.FACE_ANALYSIS),
-        "photomaker": RegistryItem(root / "photomaker-v2.bin", kind=Kind.IDENTITY_ENCODER),
         "pixel": RegistryItem(root / "pixel.safetensors", kind=Kind.LORA, base=SDXL_ID),
         "canny": RegistryItem(root / "canny.safetensors", kind=Kind.CONTROLNET, base=SD15_ID),
         "ipa": RegistryItem(root / "ip-adapter.bin", kind=Kind.IP_ADAPTER, base=SD15_ID),
@@ -50,7 +54,8 @@ def kinds_registry(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def kinds_mesh(kinds_registry: Path, tmp_path_factory: pytest.TempPathFactory):
-    mesh = LocalMesh(registry=kinds_registry, workdir=tmp_path_factory.mktemp("kinds-mesh"), ports=free_ports())
+    mesh = LocalMesh(registry=kinds_registry, workdir=tmp_path_factory.mktemp("kinds-mesh"), ports=free_ports(),
+                     without=("face",))
     mesh.start()
     try:
         mesh.wait_ready(180)
@@ -86,7 +91,7 @@ def test_the_registry_holds_every_kind(kinds_registry: Path) -> None:
 
 def test_every_stage_serves_and_generates(kinds_mesh: LocalMesh) -> None:
     names = [instance.name for instance in kinds_mesh.instances()]
-    assert sorted(names) == sorted(STAGES.names())
+    assert sorted(names) == sorted(set(STAGES.names()) - {"face"})
     for instance in kinds_mesh.instances():
         address = kinds_mesh.address(instance.name)
         assert _health(address, "") == health_pb2.HealthCheckResponse.SERVING, instance.name
@@ -99,10 +104,26 @@ def test_every_stage_serves_and_generates(kinds_mesh: LocalMesh) -> None:
     assert Image.open(io.BytesIO(response.images[0].image.data)).size == (64, 64)
 
 
-def test_pipeline_stages_load_only_pipelines(kinds_mesh: LocalMesh) -> None:
+def test_each_stage_loads_only_its_kinds(kinds_registry: Path, kinds_mesh: LocalMesh) -> None:
+    registry = Registry.load(kinds_registry)
     for spec in STAGES.backends():
-        assert spec.loads == ("pipeline",), "update this test when a stage loads another kind"
-        assert _loaded_models(kinds_mesh, spec.name) == [SD15_ID, SDXL_ID]
+        if spec.name == "face":
+            continue
+        assert _loaded_models(kinds_mesh, spec.name) == registry.ids(kinds=spec.loads), spec.name
+
+
+def test_an_unmounted_face_pack_stops_the_face_stage_with_one_clear_error(kinds_registry: Path, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from diffmesh.mesh import free_port
+
+    done = subprocess.run([sys.executable, "-m", "services.face", "--registry", str(kinds_registry), "--port",
+                           str(free_port()), "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    errors = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()
+              if line.startswith("{") and json.loads(line).get("level") == "ERROR"]
+    assert len(errors) == 1 and "not-mounted" in json.dumps(errors[0]), done.stderr[-2000:]
 
 
 def test_an_unmounted_face_pack_does_not_stop_the_pipeline_stages(kinds_registry: Path,
@@ -112,7 +133,7 @@ def test_an_unmounted_face_pack_does_not_stop_the_pipeline_stages(kinds_registry
     with pytest.raises(ModelError) as exc_info:
         registry.verify()
     assert str(registry.path_of(UNMOUNTED_FACES)) in str(exc_info.value)
-    # ... yet every stage (all of them load only pipelines) started on this registry and serves.
+    # ... yet every stage that does not load face packs started on this registry and serves.
     for instance in kinds_mesh.instances():
         assert kinds_mesh.processes[instance.name].poll() is None, kinds_mesh.log_tail(instance.name)
         assert _health(kinds_mesh.address(instance.name), "") == health_pb2.HealthCheckResponse.SERVING

@@ -50,6 +50,7 @@ def tls_mesh(certs, registry, tmp_path_factory):
     backend = tls + ["--models", "tiny-sd15"]
     mesh = LocalMesh(registry=registry, workdir=tmp_path_factory.mktemp("tls"), ports=free_ports(),
                      extra_args={**{spec.name: backend for spec in STAGES.backends()},
+                                 "face": tls + ["--models", "faces"],  # the face stage loads face packs
                                  STAGES.frontend().name: tls})
     mesh.extra_args["denoiser"] = backend + ["--health-port", str(health_port)]
     mesh.start()

@@ -123,7 +123,7 @@ def test_deadline_propagates_to_the_denoiser(mesh, client):
 
 def test_reflection_lists_each_stage_service(mesh):
     expected = {"text_encoder": "diffmesh.v1.TextEncoder", "denoiser": "diffmesh.v1.Denoiser",
-                "vae": "diffmesh.v1.Vae", "orchestrator": "diffmesh.v1.Orchestrator"}
+                "vae": "diffmesh.v1.Vae", "face": "diffmesh.v1.FaceService", "orchestrator": "diffmesh.v1.Orchestrator"}
     for stage in STAGES.names():
         with grpc.insecure_channel(mesh.address(stage)) as channel:
             database = ProtoReflectionDescriptorDatabase(channel)

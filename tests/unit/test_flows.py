@@ -13,14 +13,14 @@ from diffmesh.errors import FailedPrecondition
 from diffmesh.proto.v1 import common_pb2, orchestrator_pb2
 from services.orchestrator.clients import CallContext, Deadline, StageClients
 from services.orchestrator.routing import StageRoute
-from services.orchestrator.steps import (FLOWS, Flow, FlowRun, RequestState, Step, choose_flow, execute,
-                                         run_flow)
+from services.orchestrator.flows import FLOWS, choose_flow
+from services.orchestrator.steps import Flow, FlowRun, RequestState, Step, execute, run_flow
 
 
 def fake_plan(**fields):
     base = dict(request_id="r1", model=SimpleNamespace(entry=SimpleNamespace(id="tiny")), scheduler="euler",
                 steps=2, guidance_scale=1.0, strength=0.0, width=8, height=8, seeds=[1], change_map=None,
-                is_img2img=False)
+                is_img2img=False, faces=None)
     return SimpleNamespace(**{**base, **fields})
 
 
@@ -28,12 +28,20 @@ def test_the_flow_follows_from_the_request_fields():
     assert choose_flow(fake_plan()).name == "txt2img"
     assert choose_flow(fake_plan(is_img2img=True)).name == "img2img"
     assert choose_flow(fake_plan(is_img2img=True, change_map=np.zeros((1, 8, 8), np.uint8))).name == "inpaint"
+    faces = SimpleNamespace(base_pixels=None)
+    assert choose_flow(fake_plan(faces=faces)).name == "txt2img+faces"
+    assert choose_flow(fake_plan(faces=faces, is_img2img=True)).name == "img2img+faces"
+    assert choose_flow(fake_plan(faces=SimpleNamespace(base_pixels=np.zeros((8, 8, 3), np.uint8)))).name == \
+        "photo+faces"
 
 
 def test_every_declared_flow_is_consistent_and_ends_with_files():
     for flow in FLOWS.values():
         flow.check()
         assert flow.steps[-1].writes == ("files",)
+    # Stage 2 needs the face stage on top of stage 1's, and plans its calls to the others.
+    assert FLOWS["txt2img+faces"].stages() == ["denoiser", "face", "text_encoder", "vae"]
+    assert FLOWS["photo+faces"].stages() == ["denoiser", "face", "text_encoder", "vae"]
     assert FLOWS["txt2img"].stages() == ["denoiser", "text_encoder", "vae"]
 
 

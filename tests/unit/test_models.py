@@ -174,7 +174,12 @@ def test_pipelines_generate_varied_images(pipelines: dict[str, object], model_id
 
 def test_registry_written_by_builder(tiny_root: Path) -> None:
     registry = Registry.load(tiny_root / "registry.yaml")
-    assert registry.ids() == [SD15_ID, SDXL_ID]
+    assert registry.ids(kinds=("pipeline",)) == [SD15_ID, SDXL_ID]
+    # the face stage's embedded default (dlib, real weights), the tiny insightface pack and a tiny
+    # PhotoMaker V2 identity encoder for each one's embedding size, on tiny-sdxl
+    assert registry.ids(kinds=("face_analysis",)) == ["faces", "faces-tiny-arcface"]
+    assert registry.ids(kinds=("identity_encoder",)) == ["photomaker-tiny", "photomaker-tiny-arcface"]
+    assert {registry.specs[i].base for i in registry.ids(kinds=("identity_encoder",))} == {SDXL_ID}
     registry.verify()
     entry = registry.get(SDXL_ID)
     assert entry.path == tiny_root.resolve() / SDXL_ID
@@ -318,7 +323,7 @@ def _kinds_registry(tmp_path: Path, extra: str = "", face_path: str = "faces") -
         "models:\n"
         "  sd: {path: sd}\n"
         f"  faces: {{path: {face_path}, kind: face_analysis}}\n"
-        "  photomaker: {path: photomaker.bin, kind: identity_encoder}\n"
+        "  photomaker: {path: photomaker.bin, kind: identity_encoder, base: sd}\n"
         "  pixel: {path: pixel.safetensors, kind: lora, base: sd}\n"
         "  canny: {path: canny.safetensors, kind: controlnet, base: sd}\n"
         "  ipa: {path: ipa.bin, kind: ip_adapter, base: sd}\n"
@@ -363,7 +368,7 @@ def test_every_kind_parses_with_family_only_for_pipelines(tmp_path: Path) -> Non
     assert {i: (e.kind, e.base, e.family, e.path) for i, e in entries.items()} == {
         "sd": (Kind.PIPELINE, None, ModelFamily.SD15, root / "sd"),
         "faces": (Kind.FACE_ANALYSIS, None, None, root / "faces"),
-        "photomaker": (Kind.IDENTITY_ENCODER, None, None, root / "photomaker.bin"),
+        "photomaker": (Kind.IDENTITY_ENCODER, "sd", None, root / "photomaker.bin"),
         "pixel": (Kind.LORA, "sd", None, root / "pixel.safetensors"),
         "canny": (Kind.CONTROLNET, "sd", None, root / "canny.safetensors"),
         "ipa": (Kind.IP_ADAPTER, "sd", None, root / "ipa.bin"),
@@ -405,7 +410,7 @@ def test_adapter_base_must_be_a_pipeline_id(tmp_path: Path, base: str, why: str)
     assert message.endswith("it must be a pipeline id: sd")  # the valid choices
 
 
-@pytest.mark.parametrize("kind", ["pipeline", "face_analysis", "identity_encoder", "safety_policy"])
+@pytest.mark.parametrize("kind", ["pipeline", "face_analysis", "safety_policy"])
 def test_base_on_a_non_adapter_kind_is_an_error(tmp_path: Path, kind: str) -> None:
     message = _load_error(tmp_path, f"models:\n  sd: {{path: sd}}\n  y: {{path: x.bin, kind: {kind}, base: sd}}\n")
     assert "'y'" in message and "base" in message and kind in message
@@ -414,7 +419,7 @@ def test_base_on_a_non_adapter_kind_is_an_error(tmp_path: Path, kind: str) -> No
 @pytest.mark.parametrize("kind", ["face_analysis", "identity_encoder", "lora", "safety_policy"])
 def test_non_pipeline_missing_path_names_path(tmp_path: Path, kind: str) -> None:
     _fake_model(tmp_path / "sd")
-    base = ", base: sd" if kind == "lora" else ""
+    base = ", base: sd" if kind in ("lora", "identity_encoder") else ""
     reg_file = tmp_path / "registry.yaml"
     reg_file.write_text(f"models:\n  sd: {{path: sd}}\n  m: {{path: gone.bin, kind: {kind}{base}}}\n")
     registry = Registry.load(reg_file)  # listing must still work
@@ -601,7 +606,7 @@ def test_models_list_prints_id_kind_base_and_path(tmp_path: Path, capsys: pytest
         ["canny", "controlnet", "sd", str(root / "canny.safetensors")],
         ["faces", "face_analysis", str(root / "unmounted")],
         ["ipa", "ip_adapter", "sd", str(root / "ipa.bin")],
-        ["photomaker", "identity_encoder", str(root / "photomaker.bin")],
+        ["photomaker", "identity_encoder", "sd", str(root / "photomaker.bin")],
         ["pixel", "lora", "sd", str(root / "pixel.safetensors")],
         ["policy", "safety_policy", str(root / "policy.yaml")],
         ["sd", "pipeline", str(root / "sd")],

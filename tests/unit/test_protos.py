@@ -44,10 +44,10 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
 
 
 def _modules() -> dict[str, ModuleType]:
-    from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, orchestrator_pb2, tensor_pb2,
+    from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, face_pb2, orchestrator_pb2, tensor_pb2,
                                    text_encoder_pb2, vae_pb2)
 
-    return {"common": common_pb2, "denoiser": denoiser_pb2, "orchestrator": orchestrator_pb2,
+    return {"common": common_pb2, "denoiser": denoiser_pb2, "face": face_pb2, "orchestrator": orchestrator_pb2,
             "tensor": tensor_pb2, "text_encoder": text_encoder_pb2, "vae": vae_pb2}
 
 
@@ -65,6 +65,8 @@ METHODS = {
     ("denoiser", "Denoiser", "Denoise"): ("DenoiseRequest", "DenoiseEvent", True),
     ("vae", "Vae", "Decode"): ("DecodeRequest", "DecodeResponse", False),
     ("vae", "Vae", "Encode"): ("EncodeImageRequest", "EncodeImageResponse", False),
+    ("face", "FaceService", "Analyze"): ("AnalyzeRequest", "AnalyzeResponse", False),
+    ("face", "FaceService", "EncodeIdentity"): ("EncodeIdentityRequest", "EncodeIdentityResponse", False),
     ("orchestrator", "Orchestrator", "Generate"): ("GenerateRequest", "GenerateResponse", False),
     ("orchestrator", "Orchestrator", "GenerateStream"): ("GenerateRequest", "GenerateEvent", True),
 }

@@ -175,7 +175,7 @@ def test_vae_scale_factor_from_a_config_or_its_channels(entries):
     assert vae_scale_factor([128, 256, 512, 512]) == 8 and vae_scale_factor({"block_out_channels": [64]}) == 1
     with pytest.raises(ValueError):
         vae_scale_factor([])
-    for entry in entries.values():
+    for entry in (entry for entry in entries.values() if entry.family is not None):  # the pipelines
         from_file = read_vae_scale_factor(entry)
         assert from_file == LatentImageCodec(entry, CPU, torch.float32).scale_factor  # diffusers' FrozenDict config
         assert from_file == UNetDenoiser(entry, CPU, torch.float32).vae_scale_factor

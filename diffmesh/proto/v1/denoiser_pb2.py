@@ -26,7 +26,7 @@ from diffmesh.proto.v1 import common_pb2 as diffmesh_dot_v1_dot_common__pb2
 from diffmesh.proto.v1 import tensor_pb2 as diffmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64iffmesh/v1/denoiser.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/common.proto\x1a\x18\x64iffmesh/v1/tensor.proto\"\xa6\x05\n\x0e\x44\x65noiseRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\tscheduler\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x04 \x01(\x02\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12*\n\rprompt_embeds\x18\x07 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x33\n\x16negative_prompt_embeds\x18\x08 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\t \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12:\n\x1dnegative_pooled_prompt_embeds\x18\n \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\r\n\x05seeds\x18\x0b \x03(\x04\x12-\n\x10generator_states\x18\x0c \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12)\n\x0cinit_latents\x18\r \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x10\n\x08strength\x18\x0e \x01(\x02\x12\x11\n\ttimesteps\x18\x0f \x03(\x05\x12\x18\n\x10timestep_spacing\x18\x10 \x01(\t\x12\x16\n\x0esigma_schedule\x18\x11 \x01(\t\x12\x18\n\x10guidance_rescale\x18\x12 \x01(\x02\x12\'\n\nchange_map\x18\x13 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x1a\n\x12\x63hange_map_is_mask\x18\x14 \x01(\x08\x12\x14\n\x0cmask_feather\x18\x15 \x01(\x02\x12\x15\n\rpreview_every\x18\x16 \x01(\x05\x12\r\n\x05quiet\x18\x17 \x01(\x08\"\x87\x01\n\x0f\x44\x65noiseProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x10\n\x08timestep\x18\x03 \x01(\x02\x12\x12\n\nelapsed_ms\x18\x04 \x01(\x01\x12+\n\x08previews\x18\x05 \x03(\x0b\x32\x19.diffmesh.v1.EncodedImage\"]\n\rDenoiseResult\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.diffmesh.v1.StageUsage\"w\n\x0c\x44\x65noiseEvent\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.diffmesh.v1.DenoiseProgressH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.diffmesh.v1.DenoiseResultH\x00\x42\x07\n\x05\x65vent2O\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.diffmesh.v1.DenoiseRequest\x1a\x19.diffmesh.v1.DenoiseEvent0\x01\x42<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64iffmesh/v1/denoiser.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/common.proto\x1a\x18\x64iffmesh/v1/tensor.proto\"\xbf\x06\n\x0e\x44\x65noiseRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\tscheduler\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x04 \x01(\x02\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12*\n\rprompt_embeds\x18\x07 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x33\n\x16negative_prompt_embeds\x18\x08 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\t \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12:\n\x1dnegative_pooled_prompt_embeds\x18\n \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\r\n\x05seeds\x18\x0b \x03(\x04\x12-\n\x10generator_states\x18\x0c \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12)\n\x0cinit_latents\x18\r \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x10\n\x08strength\x18\x0e \x01(\x02\x12\x11\n\ttimesteps\x18\x0f \x03(\x05\x12\x18\n\x10timestep_spacing\x18\x10 \x01(\t\x12\x16\n\x0esigma_schedule\x18\x11 \x01(\t\x12\x18\n\x10guidance_rescale\x18\x12 \x01(\x02\x12\'\n\nchange_map\x18\x13 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x1a\n\x12\x63hange_map_is_mask\x18\x14 \x01(\x08\x12\x14\n\x0cmask_feather\x18\x15 \x01(\x02\x12\x15\n\rpreview_every\x18\x16 \x01(\x05\x12\r\n\x05quiet\x18\x17 \x01(\x08\x12\x31\n\x14merged_prompt_embeds\x18\x18 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x38\n\x1bmerged_pooled_prompt_embeds\x18\x19 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x18\n\x10start_merge_step\x18\x1a \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x1b \x03(\t\"\x87\x01\n\x0f\x44\x65noiseProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x10\n\x08timestep\x18\x03 \x01(\x02\x12\x12\n\nelapsed_ms\x18\x04 \x01(\x01\x12+\n\x08previews\x18\x05 \x03(\x0b\x32\x19.diffmesh.v1.EncodedImage\"]\n\rDenoiseResult\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.diffmesh.v1.StageUsage\"w\n\x0c\x44\x65noiseEvent\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.diffmesh.v1.DenoiseProgressH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.diffmesh.v1.DenoiseResultH\x00\x42\x07\n\x05\x65vent2O\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.diffmesh.v1.DenoiseRequest\x1a\x19.diffmesh.v1.DenoiseEvent0\x01\x42<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1'
   _globals['_DENOISEREQUEST']._serialized_start=96
-  _globals['_DENOISEREQUEST']._serialized_end=774
-  _globals['_DENOISEPROGRESS']._serialized_start=777
-  _globals['_DENOISEPROGRESS']._serialized_end=912
-  _globals['_DENOISERESULT']._serialized_start=914
-  _globals['_DENOISERESULT']._serialized_end=1007
-  _globals['_DENOISEEVENT']._serialized_start=1009
-  _globals['_DENOISEEVENT']._serialized_end=1128
-  _globals['_DENOISER']._serialized_start=1130
-  _globals['_DENOISER']._serialized_end=1209
+  _globals['_DENOISEREQUEST']._serialized_end=927
+  _globals['_DENOISEPROGRESS']._serialized_start=930
+  _globals['_DENOISEPROGRESS']._serialized_end=1065
+  _globals['_DENOISERESULT']._serialized_start=1067
+  _globals['_DENOISERESULT']._serialized_end=1160
+  _globals['_DENOISEEVENT']._serialized_start=1162
+  _globals['_DENOISEEVENT']._serialized_end=1281
+  _globals['_DENOISER']._serialized_start=1283
+  _globals['_DENOISER']._serialized_end=1362
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model_id", "scheduler", "steps", "guidance_scale", "width", "height", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "seeds", "generator_states", "init_latents", "strength", "timesteps", "timestep_spacing", "sigma_schedule", "guidance_rescale", "change_map", "change_map_is_mask", "mask_feather", "preview_every", "quiet")
+    __slots__ = ("model_id", "scheduler", "steps", "guidance_scale", "width", "height", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "seeds", "generator_states", "init_latents", "strength", "timesteps", "timestep_spacing", "sigma_schedule", "guidance_rescale", "change_map", "change_map_is_mask", "mask_feather", "preview_every", "quiet", "merged_prompt_embeds", "merged_pooled_prompt_embeds", "start_merge_step", "adapters")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,10 @@ class DenoiseRequest(_message.Message):
     MASK_FEATHER_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     QUIET_FIELD_NUMBER: _ClassVar[int]
+    MERGED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    START_MERGE_STEP_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     scheduler: str
     steps: int
@@ -56,7 +60,11 @@ class DenoiseRequest(_message.Message):
     mask_feather: float
     preview_every: int
     quiet: bool
-    def __init__(self, model_id: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., generator_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., timesteps: _Optional[_Iterable[int]] = ..., timestep_spacing: _Optional[str] = ..., sigma_schedule: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., change_map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., change_map_is_mask: _Optional[bool] = ..., mask_feather: _Optional[float] = ..., preview_every: _Optional[int] = ..., quiet: _Optional[bool] = ...) -> None: ...
+    merged_prompt_embeds: _tensor_pb2.Tensor
+    merged_pooled_prompt_embeds: _tensor_pb2.Tensor
+    start_merge_step: int
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seeds: _Optional[_Iterable[int]] = ..., generator_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., timesteps: _Optional[_Iterable[int]] = ..., timestep_spacing: _Optional[str] = ..., sigma_schedule: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., change_map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., change_map_is_mask: _Optional[bool] = ..., mask_feather: _Optional[float] = ..., preview_every: _Optional[int] = ..., quiet: _Optional[bool] = ..., merged_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., merged_pooled_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_merge_step: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DenoiseProgress(_message.Message):
     __slots__ = ("step", "total_steps", "timestep", "elapsed_ms", "previews")

@@ -26,7 +26,7 @@ from diffmesh.proto.v1 import common_pb2 as diffmesh_dot_v1_dot_common__pb2
 from diffmesh.proto.v1 import tensor_pb2 as diffmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffmesh/v1/text_encoder.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/common.proto\x1a\x18\x64iffmesh/v1/tensor.proto\"\x96\x02\n\x11\x45ncodeTextRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\rwith_negative\x18\x04 \x01(\x08\x12\x15\n\x08prompt_2\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x1e\n\x11negative_prompt_2\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x16\n\tclip_skip\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\x0eliteral_prompt\x18\x08 \x01(\x08\x42\x12\n\x10_negative_promptB\x0b\n\t_prompt_2B\x14\n\x12_negative_prompt_2B\x0c\n\n_clip_skip\"\x9f\x02\n\x12\x45ncodeTextResponse\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x33\n\x16negative_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x03 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12:\n\x1dnegative_pooled_prompt_embeds\x18\x04 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12&\n\x05usage\x18\x06 \x01(\x0b\x32\x17.diffmesh.v1.StageUsage2X\n\x0bTextEncoder\x12I\n\x06\x45ncode\x12\x1e.diffmesh.v1.EncodeTextRequest\x1a\x1f.diffmesh.v1.EncodeTextResponseB<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffmesh/v1/text_encoder.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/common.proto\x1a\x18\x64iffmesh/v1/tensor.proto\"\xc8\x02\n\x11\x45ncodeTextRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\rwith_negative\x18\x04 \x01(\x08\x12\x15\n\x08prompt_2\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x1e\n\x11negative_prompt_2\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x16\n\tclip_skip\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\x0eliteral_prompt\x18\x08 \x01(\x08\x12\x14\n\x0ctrigger_word\x18\t \x01(\t\x12\x1a\n\x12\x63lass_word_repeats\x18\n \x01(\x05\x42\x12\n\x10_negative_promptB\x0b\n\t_prompt_2B\x14\n\x12_negative_prompt_2B\x0c\n\n_clip_skip\"\xb1\x03\n\x12\x45ncodeTextResponse\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x33\n\x16negative_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x03 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12:\n\x1dnegative_pooled_prompt_embeds\x18\x04 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12&\n\x05usage\x18\x06 \x01(\x0b\x32\x17.diffmesh.v1.StageUsage\x12\x1d\n\x15\x63lass_token_positions\x18\x07 \x03(\x05\x12\x34\n\x17text_only_prompt_embeds\x18\x08 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\x12;\n\x1etext_only_pooled_prompt_embeds\x18\t \x01(\x0b\x32\x13.diffmesh.v1.Tensor2X\n\x0bTextEncoder\x12I\n\x06\x45ncode\x12\x1e.diffmesh.v1.EncodeTextRequest\x1a\x1f.diffmesh.v1.EncodeTextResponseB<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1'
   _globals['_ENCODETEXTREQUEST']._serialized_start=100
-  _globals['_ENCODETEXTREQUEST']._serialized_end=378
-  _globals['_ENCODETEXTRESPONSE']._serialized_start=381
-  _globals['_ENCODETEXTRESPONSE']._serialized_end=668
-  _globals['_TEXTENCODER']._serialized_start=670
-  _globals['_TEXTENCODER']._serialized_end=758
+  _globals['_ENCODETEXTREQUEST']._serialized_end=428
+  _globals['_ENCODETEXTRESPONSE']._serialized_start=431
+  _globals['_ENCODETEXTRESPONSE']._serialized_end=864
+  _globals['_TEXTENCODER']._serialized_start=866
+  _globals['_TEXTENCODER']._serialized_end=954
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,5 @@
+import sys
+
+from services.face.main import main
+
+sys.exit(main())
