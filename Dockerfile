@@ -88,9 +88,9 @@ WORKDIR /home/diffmesh
 USER 10001:10001
 
 # Each stage's default gRPC port from diffmesh/stages.py (orchestrator 50051, text_encoder 50061,
-# denoiser 50062, vae 50063, face 50064) and the metrics port (metrics 9090); tests/deploy checks them
-# against the table. Documentation only: the chart sets each container's ports.
-EXPOSE 50051 50061 50062 50063 50064 9090
+# denoiser 50062, vae 50063, face 50064, safety 50065) and the metrics port (metrics 9090);
+# tests/deploy checks them against the table. Documentation only: the chart sets each container's ports.
+EXPOSE 50051 50061 50062 50063 50064 50065 9090
 
 ENTRYPOINT ["python", "-m"]
 CMD ["services.orchestrator"]

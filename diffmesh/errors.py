@@ -73,3 +73,9 @@ class Cancelled(MeshError):
     """The caller went away; work stopped early."""
 
     code = "CANCELLED"
+
+
+class NotFound(MeshError):
+    """The named thing does not exist (or no longer: a purged review case)."""
+
+    code = "NOT_FOUND"

@@ -111,6 +111,7 @@ class LocalMesh:
         command += ["--torch-threads", str(self.torch_threads(instance))]
         if instance.name in self.metrics_ports:
             command += ["--metrics-port", str(self.metrics_ports[instance.name])]
+        command += [arg.replace("{workdir}", str(self.workdir)) for arg in spec.local_args]
         if spec.name == STAGES.frontend().name:
             command += self.route_args()  # `args` come after: a flag given there overrides its route
         return command + self.extra_args.get(instance.stage, []) + (

@@ -34,6 +34,10 @@ class StageSpec:
     need: Need = Need.ALWAYS      # whether flows always need it (backends only)
     gpu: bool = False             # runs on an accelerator in production (chart: GPU node pool)
     local_torch_threads: int = 0  # torch threads in the local mesh (0: a share of the host, LocalMesh.torch_threads)
+    # Flags the local mesh adds ("{workdir}" is the mesh's working directory): where a stage that
+    # keeps files (state_dir) keeps them, development-only switches.
+    local_args: tuple[str, ...] = ()
+    stateful: bool = False        # keeps files across requests (chart: a volume at its state_dir)
 
     @property
     def package(self) -> str:
@@ -87,11 +91,14 @@ STAGES = StageTable((
     StageSpec("text_encoder", "services.text_encoder.main", "diffmesh.v1.TextEncoder", 50061, Role.BACKEND,
               loads=("pipeline",), local_torch_threads=1),
     StageSpec("denoiser", "services.denoiser.main", "diffmesh.v1.Denoiser", 50062, Role.BACKEND,
-              loads=("pipeline",), gpu=True),
+              loads=("pipeline", "identity_encoder"), gpu=True),  # identity encoders: their UNet LoRA
     StageSpec("vae", "services.vae.main", "diffmesh.v1.Vae", 50063, Role.BACKEND,
               loads=("pipeline",), gpu=True, local_torch_threads=1),
     StageSpec("face", "services.face.main", "diffmesh.v1.FaceService", 50064, Role.BACKEND,
               loads=("face_analysis", "identity_encoder"), need=Need.OPTIONAL, gpu=True, local_torch_threads=1),
+    StageSpec("safety", "services.safety.main", "diffmesh.v1.SafetyService", 50065, Role.BACKEND,
+              gpu=True, local_torch_threads=1, stateful=True,
+              local_args=("--state-dir", "{workdir}/safety", "--c2pa-dev-chain", "true")),
     StageSpec("orchestrator", "services.orchestrator.main", "diffmesh.v1.Orchestrator", 50051, Role.FRONTEND,
               loads=("pipeline",)),  # reads the pipelines' configs (its catalog), loads no weights
 ))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diffmesh.client import MeshClient, build_request, collect_stream
 from diffmesh.devtools.otlp_receiver import Receiver, format_waterfall, write_spans
-from diffmesh.cli.render import face_panels, format_faces, format_timings
+from diffmesh.cli.render import face_panels, format_faces, format_safety, format_timings
 from diffmesh.mesh import LocalMesh, free_ports
 from diffmesh.stages import STAGES, Need
 
@@ -33,6 +33,9 @@ def _face_demo(mesh: LocalMesh, out: Path, model: str) -> None:
         result = collect_stream(client.generate_stream(request, timeout=300), lambda progress: print(
             f"\r  {progress.phase} step {progress.step}/{progress.total_steps}", end="", flush=True))
     print()
+    if not result.images:  # the safety policy withheld it: say why
+        print("  withheld: " + format_safety(result.info.safety))
+        return
     image = result.images[0]
     final = np.asarray(Image.open(io.BytesIO(image.image.data)).convert("RGB"))
     photo = np.asarray(Image.open(base).convert("RGB"))
@@ -40,6 +43,36 @@ def _face_demo(mesh: LocalMesh, out: Path, model: str) -> None:
     Image.fromarray(face_panels(photo, final, image.faces)).save(faces_out)
     print(f"wrote {faces_out} (boxes | masks | result){format_faces(image.faces)}")
     print(format_timings(result.info))
+
+
+def _provenance_demo(mesh: LocalMesh, out: Path) -> None:
+    """What `diffmesh provenance` reads back from the file the demo wrote."""
+    import json
+
+    from diffmesh.cli.safety import provenance_report
+
+    root = mesh.workdir / "safety" / "c2pa" / "c2pa-dev-root.pem"  # the local mesh's development chain
+    report = provenance_report(out, root.read_bytes() if root.exists() else None)
+    manifest, watermark = report["manifest"], report["watermark"]
+    active = manifest["active_manifest"] or {}
+    print(f"\nprovenance of {out} (diffmesh provenance {out} --trust-anchors {root}):")
+    print(f"  C2PA manifest: {manifest['state']} ({len(active.get('assertions', []))} assertions)")
+    generation = next((a.get("data") for a in active.get("assertions", []) if a.get("label", "").startswith(
+        "com.diffmesh")), None)
+    if generation:
+        print(f"  generation assertion: {json.dumps(generation)}")
+    print(f"  watermark ({watermark['method']}): payload {watermark.get('decoded_payload')}, "
+          f"{watermark.get('matching_bits', '-')}/{watermark['bits']} bits match the manifest's "
+          f"(present: {watermark.get('present')})")
+
+
+def _blocked_demo(mesh: LocalMesh, model: str) -> None:
+    """A prompt the policy blocks: a normal reply with the decision and no images."""
+    request = build_request("a graphic photo of a dismembered corpse covered in gore", model=model, seed=1)
+    with MeshClient(mesh.address("orchestrator")) as client:
+        result = client.generate(request, timeout=60)
+    print(f"\na prompt the policy blocks: {len(result.images)} images")
+    print("  " + format_safety(result.info.safety))
 
 
 def run_demo(models_root: Path, out: Path, model: str) -> int:
@@ -67,12 +100,16 @@ def run_demo(models_root: Path, out: Path, model: str) -> int:
             result = collect_stream(client.generate_stream(request, timeout=120), lambda progress: print(
                 f"\r  step {progress.step}/{progress.total_steps}", end="", flush=True))
         print()
+        if not result.images:
+            raise RuntimeError("the demo's image was withheld: " + format_safety(result.info.safety))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(result.images[0].image.data)
         info = result.info
         print(f"wrote {out} ({info.width}x{info.height}, model {info.model}, {info.scheduler}, "
               f"{info.steps} steps, seed {result.images[0].seed})")
         print(format_timings(info))
+        _provenance_demo(mesh, out)
+        _blocked_demo(mesh, model)
         services = {spec.program for spec in STAGES if spec.need is Need.ALWAYS}  # the ones txt2img calls
         spans = receiver.collector.wait_for(info.trace_id, services)
         trace_file = out.with_name(out.stem + "-trace.json")

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from diffmesh.cli.render import PhaseBars, format_faces, format_timings
+from diffmesh.cli.render import PhaseBars, format_faces, format_marking, format_safety, format_timings
+from diffmesh.cli.safety import add_commands as add_safety_commands
 from diffmesh.stages import STAGES
 
 DEFAULT_MODELS_ROOT = Path(".models")
@@ -99,7 +100,9 @@ def _generate(args: argparse.Namespace) -> int:
         return 1
     finally:
         bars.close()
-    paths = _output_paths(out, len(result.images))
+    # Named by the image's index (its seed's position): a withheld image leaves its name unused.
+    names = _output_paths(out, max([args.count or 1, *(image.index + 1 for image in result.images)]))
+    paths = [names[image.index] for image in result.images]
     for path, image in zip(paths, result.images):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image.image.data)
@@ -109,12 +112,18 @@ def _generate(args: argparse.Namespace) -> int:
         info = MessageToDict(result.info, preserving_proto_field_name=True)
         info["images"] = [{"path": str(p), "seed": img.seed, "index": img.index, "width": img.image.width,
                            "height": img.image.height, "mime_type": img.image.mime_type,
-                           **({"faces": _face_report(img.faces)} if img.HasField("faces") else {})}
+                           **({"faces": _face_report(img.faces)} if img.HasField("faces") else {}),
+                           **({"marking": MessageToDict(img.marking, preserving_proto_field_name=True)}
+                              if img.HasField("marking") else {})}
                           for p, img in zip(paths, result.images)]
         print(json.dumps(info, indent=2))
     else:
         for path, image in zip(paths, result.images):
-            print(f"{path}  seed={image.seed}{format_faces(image.faces) if image.HasField('faces') else ''}")
+            print(f"{path}  seed={image.seed}{format_faces(image.faces) if image.HasField('faces') else ''}"
+                  f"{format_marking(image.marking) if image.HasField('marking') else ''}")
+        safety = format_safety(result.info.safety) if result.info.HasField("safety") else ""
+        if safety:
+            print(safety)
         print(format_timings(result.info))
     return 0
 
@@ -403,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop the mesh `up` started (make down)")
     down.add_argument("--dir", default=str(DEFAULT_MESH_DIR))
 
+    add_safety_commands(sub)  # safety, provenance, review: each sets its handler
+
     demo = sub.add_parser("demo", help="build tiny models, start the mesh, generate, stop (make demo)")
     demo.add_argument("--root", default=str(DEFAULT_MODELS_ROOT))
     demo.add_argument("--out", default="out/demo.png")
@@ -420,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"models": _models, "generate": _generate, "up": _up, "down": _down, "demo": _demo,
                 "schedulers": _schedulers, "faces": _faces}
-    return handlers[args.command](args)
+    handler = getattr(args, "handler", None) or handlers[args.command]
+    return handler(args)
 
 
 if __name__ == "__main__":

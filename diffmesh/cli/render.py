@@ -30,13 +30,13 @@ class PhaseBars:
 
 
 def format_timings(info) -> str:
-    lines = [f"{'stage':<14}{'wall ms':>10}{'compute ms':>12}{'queue ms':>10}{'bytes out':>11}{'bytes in':>11}"
+    lines = [f"{'stage':<22}{'wall ms':>10}{'compute ms':>12}{'queue ms':>10}{'bytes out':>11}{'bytes in':>11}"
              f"  variant  device"]
     for t in info.timings:
-        lines.append(f"{t.stage:<14}{t.wall_ms:>10.1f}{t.compute_ms:>12.1f}{t.queue_ms:>10.1f}{t.bytes_sent:>11}"
+        lines.append(f"{t.stage:<22}{t.wall_ms:>10.1f}{t.compute_ms:>12.1f}{t.queue_ms:>10.1f}{t.bytes_sent:>11}"
                      f"{t.bytes_received:>11}  {t.variant:<8} {t.device}")
     cost = info.cost
-    lines.append(f"{'total':<14}{info.total_ms:>10.1f}   device-seconds {cost.device_seconds:.3f}, "
+    lines.append(f"{'total':<22}{info.total_ms:>10.1f}   device-seconds {cost.device_seconds:.3f}, "
                  f"queue-seconds {cost.queue_seconds:.3f}, bytes moved {cost.bytes_moved}")
     if info.trace_id:
         lines.append(f"trace {info.trace_id}")
@@ -58,6 +58,37 @@ def format_faces(report) -> str:
     if report.embedding_model:
         text += f"; identity similarity ({report.embedding_model}) " + " ".join(similarities)
     return text
+
+
+def format_marking(marking) -> str:
+    """What marks an image carries, as a short suffix."""
+    mark = f"watermark {marking.watermark_method} {marking.watermark_payload}" if marking.watermarked \
+        else f"no watermark ({marking.watermark_skipped_reason})"
+    manifest = "C2PA signed" if marking.manifest else f"no C2PA ({marking.manifest_skipped_reason})"
+    return f"  [{mark}; {manifest}]"
+
+
+def _outcome(decision) -> str:
+    from diffmesh.proto.v1 import safety_pb2
+
+    return safety_pb2.SafetyOutcome.Name(decision.outcome).removeprefix("SAFETY_OUTCOME_")
+
+
+def format_safety(report) -> str:
+    """The safety report's lines: empty when the prompt and every image were allowed."""
+    lines = []
+    prompt = report.prompt
+    if _outcome(prompt) != "ALLOW":
+        lines.append(f"prompt {_outcome(prompt)}: {prompt.category} (score {prompt.score:.2f} >= {prompt.threshold:.2f}, "
+                     f"policy {prompt.policy_version}) {prompt.reason}".rstrip())
+    for image in report.images:
+        if image.returned:
+            continue
+        decision = image.decision
+        case = f"; review case {image.case_id}" if image.case_id else ""
+        lines.append(f"image {image.index} withheld, {_outcome(decision)}: {decision.category} (score "
+                     f"{decision.score:.2f} >= {decision.threshold:.2f}, policy {decision.policy_version}){case}")
+    return "\n".join(lines)
 
 
 def face_panels(photo, result, report):

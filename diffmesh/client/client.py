@@ -115,6 +115,8 @@ def collect_stream(events: Iterable[orchestrator_pb2.GenerateEvent],
                     seed=chunk.seed, index=chunk.index)
                 if chunk.HasField("faces"):
                     done[chunk.index].faces.CopyFrom(chunk.faces)
+                if chunk.HasField("marking"):
+                    done[chunk.index].marking.CopyFrom(chunk.marking)
         elif kind == "result":
             if files:
                 raise IncompleteStream(f"image(s) {sorted(files)} ended without their last chunk")
@@ -173,6 +175,13 @@ class MeshClient:
         """GenerateStream collected into a GenerateResponse (see collect_stream): works for any
         number and size of images, whatever the client's receive limit."""
         return collect_stream(self.generate_stream(request, timeout=timeout), on_progress)
+
+    def fetch_reviewed(self, case_id: str, output_format: int = 0,
+                       timeout: float | None = None) -> orchestrator_pb2.GenerateResponse:
+        """An approved review case's image (ImageSafety.case_id of an earlier reply), marked and signed."""
+        return self.stub.FetchReviewed(orchestrator_pb2.FetchReviewedRequest(case_id=case_id,
+                                                                              output_format=output_format),
+                                        timeout=timeout)
 
     def close(self) -> None:
         self._channel.close()

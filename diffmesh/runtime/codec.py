@@ -171,3 +171,28 @@ def from_torch(tensor: torch.Tensor) -> Tensor:
 def wire_dtype(dtype: torch.dtype) -> int:
     return _BY_TORCH[dtype].wire
 
+
+
+def rgb_images(tensors: Iterable[tensor_pb2.Tensor], field: str, max_images: int,
+               max_image_bytes: int) -> list[np.ndarray]:
+    """A call's images: 1..max_images uint8 [H, W, 3] RGB tensors, each within the memory one
+    image may take (diffmesh.imaging.decode_cost), checked before any is used."""
+    from diffmesh.imaging import decode_cost
+
+    tensors = list(tensors)
+    if not tensors:
+        raise InvalidArgument(field, 0, "needs at least one uint8 [H, W, 3] RGB image")
+    if len(tensors) > max_images:
+        raise InvalidArgument(field, len(tensors), f"at most {max_images} images per call")
+    images = []
+    for i, tensor in enumerate(tensors):
+        name = f"{field}[{i}]"
+        image = to_numpy(tensor, name, dtypes=(tensor_pb2.UINT8,), rank=3, nonempty=True)
+        if image.shape[2] != 3:
+            raise InvalidArgument(f"{name}.shape", list(image.shape), "expected [H, W, 3] RGB")
+        if decode_cost(image.shape[1], image.shape[0]) > max_image_bytes:
+            raise InvalidArgument(f"{name}.shape", list(image.shape),
+                                  f"an image of {image.shape[1]}x{image.shape[0]} needs more than the "
+                                  f"{max_image_bytes // 2**20} MiB allowed per image")
+        images.append(image)
+    return images

@@ -33,7 +33,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 # (diffmesh.errors: INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, RESOURCE_EXHAUSTED,
 # UNAVAILABLE, CANCELLED); INTERNAL for an unexpected exception; CANCELLED when the caller goes
 # away; DEADLINE_EXCEEDED when its deadline passes. A test checks every diffmesh.errors code is here.
-SERVER_CODES = ("OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED",
+SERVER_CODES = ("OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED",
                 "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL")
 # An orchestrator's call to a stage can also end with what the client side reports itself:
 # UNKNOWN (a stage answering outside the contract) and UNIMPLEMENTED (a canary of another version).
@@ -70,6 +70,13 @@ STAGE_RETRIES = Counter("diffmesh_stage_retries", "stage call attempts retried a
                         ["stage", "variant"])
 IMAGES = Counter("diffmesh_images_generated", "images the orchestrator generated (counted when the reply is built)",
                  ["model"])
+# Safety: counted where the decision is enforced (the orchestrator) and where it is made (the
+# safety stage, "check" prompt / image). Labels are policy categories and outcomes only.
+SAFETY_DECISIONS = Counter("diffmesh_safety_decisions", "safety decisions, by check, policy category and outcome",
+                           ["stage", "check", "category", "outcome"])
+IMAGES_WITHHELD = Counter("diffmesh_images_withheld", "generated images not returned, by outcome (BLOCK, REVIEW)",
+                          ["outcome"])
+REVIEW_CASES = Gauge("diffmesh_review_cases", "review cases in the queue, by status", ["status"])
 GENERATION_DEVICE_SECONDS = Counter("diffmesh_generation_device_seconds",
                                     "device compute seconds the stages spent on generations (info.cost)", ["model"])
 

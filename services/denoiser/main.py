@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
 from diffmesh.models.pool import ModelPool
-from diffmesh.models.registry import ModelEntry
+from diffmesh.models.registry import Kind, ModelEntry, ModelError
 from diffmesh.limits import BatchLimits, ImageSizeLimits, StepLimits, TokenWindowLimits
 from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
 from diffmesh.stages import STAGES
+from services.denoiser.adapters import attach_identity_adapter
 from services.denoiser.sampler import UNetDenoiser
 from services.denoiser.servicer import DenoiserServicer
 
@@ -33,16 +34,44 @@ class DenoiserConfig(ImageSizeLimits, StepLimits, BatchLimits, TokenWindowLimits
             raise ConfigError(f"scheduler_override: unknown scheduler {self.scheduler_override!r}")
 
 
-class DenoiserStage(ModelStage[UNetDenoiser]):
+@dataclass(frozen=True)
+class AttachedAdapter:
+    """What the pool holds for an identity_encoder entry: its LoRA lives in its base's UNet."""
+
+    id: str
+    base: str
+
+
+DenoiserModel = Union[UNetDenoiser, AttachedAdapter]
+
+
+class DenoiserStage(ModelStage[DenoiserModel]):
+    """Loads pipelines (one UNetDenoiser each) and identity encoders, whose lora_weights become an
+    adapter of their base pipeline's UNet (the pool loads adapters after the pipelines)."""
+
     name = "denoiser"
 
-    def load_model(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> UNetDenoiser:
-        return UNetDenoiser(entry, device, dtype)
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(config)
+        self._pipelines: dict[str, UNetDenoiser] = {}
 
-    def servicer(self, models: ModelPool[UNetDenoiser]) -> DenoiserServicer:
+    def load_model(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> DenoiserModel:
+        if entry.kind is Kind.PIPELINE:
+            model = self._pipelines[entry.id] = UNetDenoiser(entry, device, dtype)
+            return model
+        base = self._pipelines.get(entry.base or "")
+        if base is None:
+            raise ModelError(f"identity encoder {entry.id!r}: its base {entry.base!r} is not loaded by this denoiser "
+                             f"(loaded pipelines: {', '.join(sorted(self._pipelines)) or 'none'}); "
+                             f"load both or neither")
+        attach_identity_adapter(base, entry)
+        return AttachedAdapter(entry.id, base.entry.id)
+
+    def servicer(self, models: ModelPool[DenoiserModel]) -> DenoiserServicer:
         config: DenoiserConfig = self.config  # type: ignore[assignment]
-        return DenoiserServicer(models, self.admission, config.max_steps, config.max_batch, config.scheduler_override,
-                                max_size=config.max_size, max_sequence=config.max_sequence)
+        pipelines = models.subset([model_id for model_id in models.ids() if model_id in self._pipelines])
+        return DenoiserServicer(pipelines, self.admission, config.max_steps, config.max_batch,
+                                config.scheduler_override, max_size=config.max_size, max_sequence=config.max_sequence)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,15 +8,29 @@ change map (differential diffusion, masks.py) and live previews (previews.py), n
 touches the latents when unused.
 
 Batch-first: `UNetDenoiser.denoise` takes a list of jobs. Jobs whose rows can share a UNet call
-(same latent size, same text sequence length, all guided or all unguided: `share_key`) run in one
-UNet call per step, each with its own scheduler instance (diffusers' schedulers hold a step index
-and are not thread-safe) and a per-row timestep (UNet2DConditionModel takes a [B] tensor), so jobs
+(same latent size, same text sequence length, all guided or all unguided, the same adapters:
+`share_key`) run in one UNet call per step, each with its own scheduler instance (diffusers'
+schedulers hold a step index and are not thread-safe) and a per-row timestep
+(UNet2DConditionModel takes a [B] tensor), so jobs
 with different schedulers, step counts, strengths, prompts or masks can share the model; a job
 whose schedule is shorter leaves the batch when it ends. Jobs that cannot share run as separate
 groups, one after another.
 
 Validation happens once: `check_job` returns a PreparedJob (the job with its scheduler built and
 its timesteps set), which `denoise` runs without building anything again.
+
+Identity conditioning (PhotoMaker V2's merge step): a job may carry merged conditioning (the
+prompt with the identity fused in) and a start_merge_step. The UNet call whose index into the
+scheduler's FULL timesteps array (before img2img's strength cut; for order-2 schedulers such as
+Heun that array repeats timesteps, one entry per UNet call) is i uses the text-only prompt rows
+when i <= start_merge_step and the merged rows after; -1 merges from the first call. This is
+PhotoMaker's own `for i, t in enumerate(timesteps): if i <= start_merge_step`, with i counted over
+the whole schedule, so an img2img job that runs the tail of the schedule starts at index
+len(full timesteps) - len(run timesteps). Negative rows never change.
+
+Adapters: a job names LoRA adapters attached to this UNet (adapters.py); jobs with different
+adapter sets never share a UNet call (share_key), and calls from different threads with different
+sets never run the UNet at the same time (AdapterSwitch around each UNet call).
 """
 from __future__ import annotations
 
@@ -38,6 +52,7 @@ from diffmesh.models.registry import ModelEntry, ModelFamily
 from diffmesh.models.schedulers import SchedulerSpec, build_scheduler
 from diffmesh.models.timesteps import validate_timesteps
 from diffmesh.runtime.batching import group_indices
+from services.denoiser.adapters import AdapterSet, AdapterSwitch, adapter_set
 from services.denoiser.masks import ProgressiveMask, check_change_map, latent_change_map
 from services.denoiser.previews import latents_to_rgb, predicted_x0
 
@@ -58,12 +73,23 @@ class Conditioning:
     negative with per-image prompts is fine). SDXL's pooled_prompt_embeds /
     negative_pooled_prompt_embeds: [n, P] or [1, P] likewise. The negatives are needed only with
     classifier-free guidance (guidance_scale > 1).
+
+    merged_prompt_embeds / merged_pooled_prompt_embeds (identity conditioning, optional): the
+    prompt with the identity fused in, shaped like prompt_embeds / pooled_prompt_embeds (SDXL
+    needs both); they replace the positive rows after the job's start_merge_step (see the module
+    docstring).
     """
 
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
+    merged_prompt_embeds: torch.Tensor | None = None
+    merged_pooled_prompt_embeds: torch.Tensor | None = None
+
+    @property
+    def merges(self) -> bool:
+        return self.merged_prompt_embeds is not None
 
 
 @dataclass
@@ -86,6 +112,10 @@ class DenoiseJob:
     # 0 keeps the pixel, 1 regenerates it.
     change_map: torch.Tensor | None = None
     preview_every: int = 0  # > 0: on_preview every that many steps
+    # With merged conditioning: the last index into the full timesteps array that still uses the
+    # text-only rows (-1: merged from the first UNet call). Ignored without merged conditioning.
+    start_merge_step: int = -1
+    adapters: Sequence[str] = ()  # LoRA adapters attached to the UNet, by registry id; (): the plain UNet
 
     @property
     def count(self) -> int:
@@ -144,12 +174,18 @@ def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, factor: float) ->
     return factor * (guided * ratio) + (1 - factor) * guided
 
 
-def share_key(job: DenoiseJob, vae_scale_factor: int) -> tuple[int, int, int, bool]:
+def share_key(job: DenoiseJob, vae_scale_factor: int) -> tuple[int, int, int, bool, AdapterSet]:
     """Jobs with equal keys can share one UNet call per step: their rows stack into one batch
-    (latent height and width, text sequence length, and guided or not, which decides whether a
-    job contributes negative rows). The model is the same by construction: one UNetDenoiser."""
+    (latent height and width, text sequence length, guided or not, which decides whether a job
+    contributes negative rows, and the adapter set, which is UNet state for the whole call). The
+    model is the same by construction: one UNetDenoiser."""
     return (job.height // vae_scale_factor, job.width // vae_scale_factor,
-            int(job.conditioning.prompt_embeds.shape[1]), job.guided)
+            int(job.conditioning.prompt_embeds.shape[1]), job.guided, job_adapter_set(job))
+
+
+def job_adapter_set(job: DenoiseJob) -> AdapterSet:
+    """The adapters a job runs with, in their canonical order (check_job rejected repeats)."""
+    return tuple(sorted(job.adapters))
 
 
 @dataclass
@@ -165,6 +201,18 @@ class _Run:
     added: dict[str, torch.Tensor] | None  # SDXL added_cond_kwargs rows
     step_kwargs: dict[str, Any]
     position: int = 0  # UNet calls done
+    # Identity merge: the rows (embeds, added) that replace the text-only ones when `position`
+    # reaches merge_position; None when the run never switches (no merge, or merged throughout).
+    merged: tuple[torch.Tensor, dict[str, torch.Tensor] | None] | None = None
+    merge_position: int | None = None
+
+    def switch_to_merged(self) -> bool:
+        """On the merge step, the merged rows replace the text-only ones; True when they did."""
+        if self.merged is None or self.position != self.merge_position:
+            return False
+        self.embeds, self.added = self.merged
+        self.merged = None
+        return True
 
     @property
     def job(self) -> DenoiseJob:
@@ -189,7 +237,8 @@ def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class UNetDenoiser:
     """One loaded UNet and its scheduler config; `denoise` is safe to call from several threads
-    (every job has its own scheduler; the UNet is used read-only under inference_mode)."""
+    (every job has its own scheduler; the UNet is used read-only under inference_mode, and its
+    adapter state changes only through adapter_switch, when no other set is inside the UNet)."""
 
     def __init__(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> None:
         self.entry = entry
@@ -206,6 +255,32 @@ class UNetDenoiser:
         self.cross_attention_dim = int(config.cross_attention_dim)
         self.pooled_dim = (int(config.projection_class_embeddings_input_dim)
                            - 6 * int(config.addition_time_embed_dim)) if self.is_sdxl else None
+        self._adapters: list[str] = []
+        self.adapter_switch = AdapterSwitch(self.unet)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters attached to this UNet (registry ids), sorted."""
+        return sorted(self._adapters)
+
+    def attach_adapter(self, name: str, load: Callable[[UNet2DConditionModel], Any]) -> None:
+        """Loads an adapter into the UNet with `load(unet)` (adapters.attach_identity_adapter),
+        then leaves every adapter disabled, so that jobs naming none run the plain UNet. Start-up
+        only: not while jobs run."""
+        if name in self._adapters:
+            raise ValueError(f"{self.entry.id} already has an adapter named {name!r}")
+        # PEFT freezes the base weights (requires_grad False). torch's matmul chooses whether to
+        # fold a [B, L, C] input by the weight's requires_grad, which changes the float rounding
+        # (3e-14 in float64 on tiny-sdxl, measured): the flags are restored, so the plain UNet
+        # computes bit for bit what it computed before the adapter.
+        requires_grad = {id(param): param.requires_grad for param in self.unet.parameters()}
+        with self.adapter_switch.using(()):  # no job runs the UNet while it changes
+            load(self.unet)
+            for param in self.unet.parameters():
+                if id(param) in requires_grad:
+                    param.requires_grad_(requires_grad[id(param)])
+            self.unet.disable_adapters()
+        self._adapters.append(name)
 
     # --- validation, against this model and the serving limits: once per job ----------------
     def check_job(self, job: DenoiseJob, limits: JobLimits = JobLimits()) -> PreparedJob:
@@ -236,6 +311,10 @@ class UNetDenoiser:
             raise InvalidArgument("guidance_rescale", job.guidance_rescale, "must be in [0, 1]")
         if job.preview_every < 0:
             raise InvalidArgument("preview_every", job.preview_every, "must be >= 0 (0: no previews)")
+        if job.conditioning.merges and job.start_merge_step < -1:
+            raise InvalidArgument("start_merge_step", job.start_merge_step,
+                                  "must be >= -1 (-1: merged conditioning from the first step)")
+        adapter_set(job.adapters, self._adapters, self.entry.id)
         if job.change_map is not None:
             if job.init_latents is None:
                 raise InvalidArgument("change_map", list(job.change_map.shape), "needs init_latents (img2img)")
@@ -262,10 +341,21 @@ class UNetDenoiser:
                 raise InvalidArgument("negative_prompt_embeds.shape", list(neg.shape),
                                       f"expected [1 or {n}, {prompt.shape[1]}, {dim}] "
                                       f"(the seq length of prompt_embeds {list(prompt.shape)})")
+        merged = cond.merged_prompt_embeds
+        if merged is not None and (merged.ndim != 3 or merged.shape[0] not in (1, n)
+                                   or tuple(merged.shape[1:]) != tuple(prompt.shape[1:])):
+            raise InvalidArgument("merged_prompt_embeds.shape", list(merged.shape),
+                                  f"expected [1 or {n}, {prompt.shape[1]}, {dim}] "
+                                  f"(the seq length of prompt_embeds {list(prompt.shape)})")
+        if merged is None and cond.merged_pooled_prompt_embeds is not None:
+            raise InvalidArgument("merged_pooled_prompt_embeds", list(cond.merged_pooled_prompt_embeds.shape),
+                                  "given without merged_prompt_embeds")
         if self.is_sdxl:
             pooled_fields = [("pooled_prompt_embeds", cond.pooled_prompt_embeds)]
             if job.guided:
                 pooled_fields.append(("negative_pooled_prompt_embeds", cond.negative_pooled_prompt_embeds))
+            if cond.merges:
+                pooled_fields.append(("merged_pooled_prompt_embeds", cond.merged_pooled_prompt_embeds))
             for name, pooled in pooled_fields:
                 if pooled is None or pooled.ndim != 2 or pooled.shape[0] not in (1, n) \
                         or pooled.shape[1] != self.pooled_dim:
@@ -328,25 +418,43 @@ class UNetDenoiser:
             latent_map = latent_change_map(job.change_map, latents.shape[-2], latents.shape[-1])
             original = job.init_latents.to(device=self.device, dtype=self.dtype)
             mask = ProgressiveMask(latent_map.to(self.device), original, noise, job.run_steps)
-        embeds, added = self._conditioning(job)
-        return _Run(index, prepared, latents, mask, embeds, added, self._step_kwargs(scheduler, job.generators))
+        cond = job.conditioning
+        embeds, added = self._conditioning(job, cond.prompt_embeds, cond.pooled_prompt_embeds)
+        run = _Run(index, prepared, latents, mask, embeds, added, self._step_kwargs(scheduler, job.generators))
+        if cond.merges:
+            # The first call past start_merge_step, as a position in the calls this job runs.
+            offset = len(scheduler.timesteps) - len(prepared.timesteps)
+            merge_position = max(job.start_merge_step + 1 - offset, 0)
+            if merge_position < run.total:
+                merged = self._conditioning(job, cond.merged_prompt_embeds, cond.merged_pooled_prompt_embeds)
+                run.merged, run.merge_position = merged, merge_position
+                run.switch_to_merged()  # merged from the first call: no switch inside the loop
+        return run
 
     def _run_batch(self, runs: list[_Run], on_step: ProgressFn | None, cancel: threading.Event | None,
                    on_preview: PreviewFn | None) -> None:
         """One UNet call per step for all runs still going; a run leaves when its schedule ends."""
         active = [run for run in runs if not run.done]
+        adapters = job_adapter_set(active[0].job) if active else ()
         embeds, added = self._stack_conditioning(active)
         while active:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(_cancel_message(active))
+            # Every run switches to the merged rows (identity) on its own step: restack only then.
+            switched = [run.switch_to_merged() for run in active]  # every run: no short cut
+            if any(switched):
+                embeds, added = self._stack_conditioning(active)
             inputs = [self._model_input(run) for run in active]
             rows = [x.shape[0] for x in inputs]
             # Per-row timesteps: each job is at its own point of its own schedule. float32 holds
             # every integer timestep exactly, and the UNet's sinusoidal embedding is float32 anyway.
             timesteps = torch.cat([run.timestep.reshape(1).to(device=self.device, dtype=torch.float32).expand(count)
                                    for run, count in zip(active, rows)])
-            noise_pred = self.unet(_cat(inputs), timesteps, encoder_hidden_states=embeds,
-                                   added_cond_kwargs=added, return_dict=False)[0]
+            # Held per call, not per batch: a concurrent call with another adapter set takes turns
+            # step by step instead of waiting for this whole loop.
+            with self.adapter_switch.using(adapters, cancel, lambda: Cancelled(_cancel_message(active))):
+                noise_pred = self.unet(_cat(inputs), timesteps, encoder_hidden_states=embeds,
+                                       added_cond_kwargs=added, return_dict=False)[0]
             for run, model_input, prediction in zip(active, inputs, noise_pred.split(rows)):
                 self._advance(run, model_input, prediction, on_step, on_preview)
             still = [run for run in active if not run.done]
@@ -430,9 +538,11 @@ class UNetDenoiser:
             guided = rescale_guidance(guided, text, job.guidance_rescale)
         return guided
 
-    def _conditioning(self, job: DenoiseJob) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """One job's conditioning rows in its UNet row order ([negatives, positives] when guided),
-        a [1, ...] tensor repeated for every image as diffusers' num_images_per_prompt does."""
+    def _conditioning(self, job: DenoiseJob, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor | None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """One job's conditioning rows in its UNet row order ([negatives, positives] when guided)
+        with these positive rows (the text-only or the merged ones), a [1, ...] tensor repeated
+        for every image as diffusers' num_images_per_prompt does."""
         cond, n = job.conditioning, job.count
 
         def per_image(x: torch.Tensor) -> torch.Tensor:
@@ -440,14 +550,14 @@ class UNetDenoiser:
             # repeat, not expand: the same contiguous rows diffusers gives the UNet.
             return x.repeat(n, *([1] * (x.ndim - 1))) if x.shape[0] == 1 else x
 
-        embeds = per_image(cond.prompt_embeds)
+        embeds = per_image(prompt_embeds)
         if job.guided:
             embeds = torch.cat([per_image(cond.negative_prompt_embeds), embeds])
         if not self.is_sdxl:
             return embeds, None
         # SDXL micro-conditioning: original size, crop top-left, target size (diffusers' defaults).
         time_ids = torch.tensor([[job.height, job.width, 0, 0, job.height, job.width]], dtype=self.dtype)
-        text_embeds = per_image(cond.pooled_prompt_embeds)
+        text_embeds = per_image(pooled_prompt_embeds)
         if job.guided:
             text_embeds = torch.cat([per_image(cond.negative_pooled_prompt_embeds), text_embeds])
         time_ids = time_ids.to(self.device).repeat(text_embeds.shape[0], 1)
@@ -455,7 +565,8 @@ class UNetDenoiser:
 
     @staticmethod
     def _stack_conditioning(runs: Sequence[_Run]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
-        """The batch's conditioning: each run's rows in run order (rebuilt only when a run leaves)."""
+        """The batch's conditioning: each run's rows in run order (rebuilt only when a run leaves
+        or switches to its merged rows)."""
         if not runs:
             return None, None
         embeds = _cat([run.embeds for run in runs])

@@ -68,6 +68,10 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest, limits: JobLimits = J
     if not request.HasField("prompt_embeds"):
         raise InvalidArgument("prompt_embeds", None, "required")
     init_latents = _optional_tensor(request, "init_latents")
+    merged = _optional_tensor(request, "merged_prompt_embeds")
+    if merged is None and request.start_merge_step != 0:
+        # Without merged conditioning there is nothing to merge: a set step would be ignored silently.
+        raise InvalidArgument("start_merge_step", request.start_merge_step, "given without merged_prompt_embeds")
     change_map = None
     if request.HasField("change_map"):
         grey = codec.to_torch(request.change_map, "change_map", dtypes=(tensor_pb2.UINT8,), rank=3, nonempty=True)
@@ -91,6 +95,8 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest, limits: JobLimits = J
             negative_prompt_embeds=_optional_tensor(request, "negative_prompt_embeds"),
             pooled_prompt_embeds=_optional_tensor(request, "pooled_prompt_embeds"),
             negative_pooled_prompt_embeds=_optional_tensor(request, "negative_pooled_prompt_embeds"),
+            merged_prompt_embeds=merged,
+            merged_pooled_prompt_embeds=_optional_tensor(request, "merged_pooled_prompt_embeds"),
         ),
         generators=_generators(request),
         init_latents=init_latents,
@@ -98,6 +104,7 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest, limits: JobLimits = J
         timesteps=list(request.timesteps) or None, timestep_spacing=request.timestep_spacing or None,
         sigma_schedule=request.sigma_schedule or None, guidance_rescale=request.guidance_rescale,
         change_map=change_map, preview_every=request.preview_every,
+        start_merge_step=request.start_merge_step, adapters=tuple(request.adapters),
     )
 
 
@@ -120,7 +127,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         prepared = model.check_job(job, self._limits)  # reject before queueing, not after the wait
         attributes = {"diffmesh.model": request.model_id, "diffmesh.scheduler": request.scheduler,
                       "diffmesh.steps": request.steps, "diffmesh.size": f"{request.width}x{request.height}",
-                      "diffmesh.batch_size": job.count, "diffmesh.img2img": job.init_latents is not None}
+                      "diffmesh.batch_size": job.count, "diffmesh.img2img": job.init_latents is not None,
+                      "diffmesh.identity_merge": job.conditioning.merges, "diffmesh.adapters": ",".join(job.adapters)}
         annotate(**attributes)
         metrics.BATCH_SIZE.labels("denoiser").observe(job.count)
         async with self._admission.slot() as usage:

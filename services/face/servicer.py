@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from diffmesh.errors import InvalidArgument
-from diffmesh.imaging import decode_cost
-from diffmesh.proto.v1 import face_pb2, face_pb2_grpc, tensor_pb2
+from diffmesh.proto.v1 import face_pb2, face_pb2_grpc
 from diffmesh.runtime import codec, metrics
 from diffmesh.runtime.server import Admission
 from diffmesh.runtime.telemetry import annotate, traced
@@ -81,22 +80,7 @@ class FaceServicer(face_pb2_grpc.FaceServiceServicer):
         self._max_references = max_reference_faces
 
     def _images(self, tensors, field: str) -> list[np.ndarray]:
-        if not tensors:
-            raise InvalidArgument(field, 0, "needs at least one uint8 [H, W, 3] RGB image")
-        if len(tensors) > self._max_batch:
-            raise InvalidArgument(field, len(tensors), f"at most {self._max_batch} images per call")
-        images = []
-        for i, tensor in enumerate(tensors):
-            name = f"{field}[{i}]"
-            image = codec.to_numpy(tensor, name, dtypes=(tensor_pb2.UINT8,), rank=3, nonempty=True)
-            if image.shape[2] != 3:
-                raise InvalidArgument(f"{name}.shape", list(image.shape), "expected [H, W, 3] RGB")
-            if decode_cost(image.shape[1], image.shape[0]) > self._max_image_bytes:
-                raise InvalidArgument(f"{name}.shape", list(image.shape),
-                                      f"an image of {image.shape[1]}x{image.shape[0]} needs more than the "
-                                      f"{self._max_image_bytes // 2**20} MiB allowed per image")
-            images.append(image)
-        return images
+        return codec.rgb_images(tensors, field, self._max_batch, self._max_image_bytes)
 
     async def Analyze(self, request: face_pb2.AnalyzeRequest,
                       context: grpc.aio.ServicerContext) -> face_pb2.AnalyzeResponse:

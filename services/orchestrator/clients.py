@@ -31,8 +31,8 @@ import grpc
 
 from diffmesh.error_details import violations_from_metadata
 from diffmesh.errors import FailedPrecondition, FieldViolation, MeshError, Unavailable
-from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, face_pb2, face_pb2_grpc, text_encoder_pb2,
-                               text_encoder_pb2_grpc, vae_pb2, vae_pb2_grpc)
+from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, denoiser_pb2_grpc, face_pb2, face_pb2_grpc, safety_pb2,
+                               safety_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc, vae_pb2, vae_pb2_grpc)
 from diffmesh.runtime import metrics, telemetry
 from diffmesh.runtime.logs import elapsed_ms, log_event
 from services.orchestrator.routing import CANARY, STABLE, StageRoute, StageRouter
@@ -233,6 +233,53 @@ class FaceClient(StageClient):
                                 self._unary_invoke(face_pb2_grpc.FaceServiceStub, "EncodeIdentity", request))
 
 
+class SafetyClient(StageClient):
+    stage = "safety"
+    # How long DescribePolicy's answer (whether image checks want faces) is reused: a policy
+    # rollout reaches every orchestrator within this.
+    POLICY_TTL_S = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._policy: tuple[float, safety_pb2.DescribePolicyResponse] | None = None
+
+    def _invoke(self, rpc: str, request: Any) -> Invoke:
+        return self._unary_invoke(safety_pb2_grpc.SafetyServiceStub, rpc, request)
+
+    async def check_prompt(self, ctx: CallContext, request: safety_pb2.CheckPromptRequest,
+                           phase: str) -> safety_pb2.CheckPromptResponse:
+        return await self._call(ctx, "safety.check_prompt", phase, request, self._invoke("CheckPrompt", request))
+
+    async def check_images(self, ctx: CallContext, request: safety_pb2.CheckImagesRequest,
+                           phase: str) -> safety_pb2.CheckImagesResponse:
+        return await self._call(ctx, "safety.check_images", phase, request, self._invoke("CheckImages", request))
+
+    async def mark_images(self, ctx: CallContext, request: safety_pb2.MarkImagesRequest,
+                          phase: str) -> safety_pb2.MarkImagesResponse:
+        return await self._call(ctx, "safety.mark_images", phase, request, self._invoke("MarkImages", request))
+
+    async def release_case(self, ctx: CallContext, request: safety_pb2.ReleaseCaseRequest) -> safety_pb2.ReleaseCaseResponse:
+        return await self._call(ctx, "safety.release_case", "review", request, self._invoke("ReleaseCase", request))
+
+    async def describe_policy(self, ctx: CallContext) -> safety_pb2.DescribePolicyResponse:
+        """The policy's description, cached for POLICY_TTL_S (not a timed stage call: no usage)."""
+        now = time.monotonic()
+        if self._policy is not None and now - self._policy[0] < self.POLICY_TTL_S:
+            return self._policy[1]
+        request = safety_pb2.DescribePolicyRequest()
+
+        async def invoke(variant: str, timeout: float) -> tuple[Any, int]:
+            stub = self.router.stub(self.stage, variant, safety_pb2_grpc.SafetyServiceStub)
+            response = await stub.DescribePolicy(request, timeout=timeout)
+            return response, response.ByteSize()
+        with telemetry.tracer().start_as_current_span("stage safety.describe_policy",
+                                                      attributes={"diffmesh.stage": "safety.describe_policy"}) as span:
+            variant, response, _received = await self._routed(ctx, invoke)
+            span.set_attribute("diffmesh.variant", variant)
+        self._policy = (now, response)
+        return response
+
+
 ProgressFn = Callable[[denoiser_pb2.DenoiseProgress], None]
 
 
@@ -269,7 +316,7 @@ class DenoiserClient(StageClient):
 
 
 CLIENTS: Mapping[str, type[StageClient]] = {cls.stage: cls for cls in (TextEncoderClient, DenoiserClient, VaeClient,
-                                                                         FaceClient)}
+                                                                         FaceClient, SafetyClient)}
 
 
 class StageClients:
@@ -315,6 +362,13 @@ class StageClients:
     @property
     def face(self) -> FaceClient:
         return self.require("face")  # type: ignore[return-value]
+
+    @property
+    def safety(self) -> SafetyClient:
+        return self.require("safety")  # type: ignore[return-value]
+
+    def configured(self, stage: str) -> bool:
+        return stage in self._clients
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Finalize: let in-flight shadow calls finish (bounded), then close every channel."""

@@ -42,7 +42,6 @@ class OrchestratorSettings(ImageSizeLimits, StepLimits, BatchLimits, PromptLimit
     request_timeout_s: float = setting(600.0, "deadline for requests that carry none", min=1)
     shadow_threshold: float = setting(0.0, "log a shadow divergence above this max absolute difference", min=0)
     shadow_max_in_flight: int = setting(8, "mirrored calls in flight at once (more are dropped)", min=1)
-    png_compress_level: int = setting(4, "zlib level for PNG output files (speed vs size)", min=0, max=9)
     max_unary_reply_mb: int = setting(
         4, "largest Generate (unary) reply, MiB: a request whose worst-case reply is larger fails "
         "FAILED_PRECONDITION before any work (stock gRPC clients accept 4 MiB; raise it only with the "
@@ -153,7 +152,6 @@ class OrchestratorStage:
         self.clients = StageClients(config.routes(), config.max_message_mb,
                                     tls.channel_credentials() if tls else None, shadow, config.request_timeout_s)
         return OrchestratorServicer(self.clients, catalog, config.limits(), config.request_timeout_s,
-                                    config.png_compress_level,
                                     admission=Admission(self.name, config.max_concurrency, config.max_queue),
                                     max_unary_reply_bytes=config.max_unary_reply_mb * 1024 * 1024,
                                     stream_chunk_bytes=config.stream_chunk_kb * 1024,

@@ -36,7 +36,10 @@ STOCK_CLIENT_LIMIT = 4 * MIB  # the default max receive message length of gRPC c
 #   `check_reply` after the work.
 _BYTES_PER_PIXEL = {common_pb2.JPEG: 2.5, common_pb2.WEBP: 1.5}
 _PNG_FRAMING = 1.01
-FILE_OVERHEAD = 4096     # per file: signature, headers, tables (a JPEG's are ~600 bytes)
+# Per file: signature, headers, tables (a JPEG's are ~600 bytes), and the signed C2PA manifest
+# the safety stage embeds (claim, assertions, signature and the certificate chain, no thumbnail:
+# measured under 16 KiB with a three-certificate chain; a longer production chain has room).
+FILE_OVERHEAD = 4096 + 64 * 1024
 REPLY_OVERHEAD = 16384   # per reply: the info (timings, cost, ids) and message framing
 
 
@@ -91,4 +94,6 @@ def image_chunks(images: Sequence[orchestrator_pb2.GeneratedImage],
                 last=number == len(offsets) - 1, file_size=len(data))
             if chunk.last and image.HasField("faces"):
                 chunk.faces.CopyFrom(image.faces)
+            if chunk.last and image.HasField("marking"):
+                chunk.marking.CopyFrom(image.marking)
             yield chunk

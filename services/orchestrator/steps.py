@@ -14,10 +14,13 @@ disconnects, a send fails), the steps' task and the progress getter are cancelle
 before the call returns, so no task outlives its request, no span is ended late in another
 request's context, and nothing is left pending when the process stops.
 
-    txt2img:  encode_prompt -> denoise -> decode -> encode_files
-    img2img:  (encode_prompt | encode_init_image) -> denoise -> decode -> encode_files
+    txt2img:  encode_prompt -> denoise -> decode
+    img2img:  (encode_prompt | encode_init_image) -> denoise -> decode
     inpaint:  img2img's steps; denoise with progressive masks from the change map, decode with
               paste-back of the kept pixels
+
+(stage 1 of the served flows: services.orchestrator.flows adds the safety steps around them and
+the face steps after them).
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 
-from diffmesh.imaging import encode_image
 from diffmesh.proto.v1 import common_pb2, denoiser_pb2, orchestrator_pb2, text_encoder_pb2, vae_pb2
 from diffmesh.runtime import codec, metrics, telemetry
 from diffmesh.runtime.logs import elapsed_ms
@@ -52,6 +54,8 @@ class RequestState:
     # Face detailing (face_steps): the references' identity and stage 2's planned work.
     references: Any = None                        # face_steps.ReferenceIdentity
     face_work: Any = None                         # face_steps.FaceWork
+    safety: Any = None                            # safety_steps.SafetyState
+    halted: bool = False                          # a step ended the flow early (a blocked prompt)
 
     def require(self, name: str) -> Any:
         value = getattr(self, name)
@@ -66,14 +70,13 @@ STATE_FIELDS = frozenset(f.name for f in fields(RequestState))
 @dataclass
 class FlowRun:
     """What the steps of one request share besides the state: the stage clients, the call
-    context, where progress goes, and the file settings."""
+    context, where progress goes, and the stream settings."""
 
     clients: StageClients
     call: CallContext
     progress: bool                          # stream per-step progress (GenerateStream) or not
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     started: float = field(default_factory=time.perf_counter)
-    png_compress_level: int = 4
     stream_chunk_bytes: int = 3 * MIB       # file bytes per image event of a stream
     readiness_wait_s: float = 1.0           # how long a stage's connection may take to come up
 
@@ -175,7 +178,7 @@ class Denoise(Step):
 
 
 class Decode(Step):
-    """Latents to pixels (no files: encode_files makes them once, after any pixel work); with
+    """Latents to pixels (no files: mark_files makes them once, after any pixel work); with
     paste-back, the kept pixels are the init image's exactly."""
 
     name, reads, writes, stages = "decode", ("plan", "latents"), ("pixels",), ("vae",)
@@ -191,20 +194,6 @@ class Decode(Step):
         state.pixels = codec.to_numpy(decoded.pixels, "pixels")
 
 
-class EncodeFiles(Step):
-    """The flow's last step: the image files the caller gets, made once from the final pixels."""
-
-    name, reads, writes = "encode_files", ("plan", "pixels"), ("files",)
-
-    async def run(self, state: RequestState, run: FlowRun) -> None:
-        plan, pixels = state.plan, state.require("pixels")
-
-        def encode() -> list[common_pb2.EncodedImage]:
-            return [encode_image(image, plan.output_format, plan.quality, run.png_compress_level) for image in pixels]
-        with telemetry.tracer().start_as_current_span("encode_files", attributes={"diffmesh.images": len(pixels)}):
-            state.files = await asyncio.to_thread(encode)  # off the event loop: other requests keep flowing
-
-
 @dataclass(frozen=True)
 class Flow:
     name: str
@@ -213,8 +202,9 @@ class Flow:
     def stages(self) -> list[str]:
         return sorted({stage for step in self.steps for stage in step.stages})
 
-    def check(self) -> None:
-        """Every step reads only what the request or an earlier step wrote; the flow ends with files."""
+    def check(self, produces: str = "files") -> None:
+        """Every step reads only what the request or an earlier step wrote; the flow writes
+        `produces` (a served flow: the files; stage 1 of one: the pixels)."""
         written = {"plan"}
         for step in self.steps:
             unknown = set(step.reads) | set(step.writes)
@@ -224,34 +214,35 @@ class Flow:
             if missing:
                 raise ValueError(f"flow {self.name}: {step!r} reads {sorted(missing)} before any step writes it")
             written |= set(step.writes)
-        if "files" not in written:
-            raise ValueError(f"flow {self.name}: no step writes the files")
+        if produces not in written:
+            raise ValueError(f"flow {self.name}: no step writes the {produces}")
 
 
-FLOWS = {
-    "txt2img": Flow("txt2img", (EncodePrompt(), Denoise(), Decode(), EncodeFiles())),
-    "img2img": Flow("img2img", (Together(EncodePrompt(), EncodeInitImage()), Denoise(img2img=True), Decode(),
-                                EncodeFiles())),
-    "inpaint": Flow("inpaint", (Together(EncodePrompt(), EncodeInitImage()), Denoise(img2img=True), Decode(),
-                                EncodeFiles())),
+# Stage 1 of every served flow: the work up to the decoded pixels (services.orchestrator.flows
+# puts the safety steps around it).
+BASE_FLOWS = {
+    "txt2img": Flow("txt2img", (EncodePrompt(), Denoise(), Decode())),
+    "img2img": Flow("img2img", (Together(EncodePrompt(), EncodeInitImage()), Denoise(img2img=True), Decode())),
+    "inpaint": Flow("inpaint", (Together(EncodePrompt(), EncodeInitImage()), Denoise(img2img=True), Decode())),
 }
-for _flow in FLOWS.values():
-    _flow.check()
+for _flow in BASE_FLOWS.values():
+    _flow.check(produces="pixels")
 
 
 def choose_base_flow(plan: GenerationPlan) -> Flow:
-    """Stage 1's flow (the whole flow of a request without face work: services.orchestrator.flows)."""
+    """Stage 1's flow (its name is the served flow's, without face work: services.orchestrator.flows)."""
     if plan.change_map is not None:
-        return FLOWS["inpaint"]
+        return BASE_FLOWS["inpaint"]
     if plan.is_img2img:
-        return FLOWS["img2img"]
-    return FLOWS["txt2img"]
+        return BASE_FLOWS["img2img"]
+    return BASE_FLOWS["txt2img"]
 
 
 async def execute(steps: Sequence[Step], state: RequestState, run: FlowRun) -> None:
-    """Runs the steps in order; the steps a step plans run right after it."""
+    """Runs the steps in order; the steps a step plans run right after it. A step that sets
+    state.halted ends the flow there (the reply then says why, without images)."""
     pending = list(steps)
-    while pending:
+    while pending and not state.halted:
         step = pending.pop(0)
         planned = await step.run(state, run)
         if planned:
@@ -270,17 +261,28 @@ def response(state: RequestState, run: FlowRun, with_images: bool = True) -> orc
         guidance_scale=plan.guidance_scale, strength=plan.strength, width=plan.width, height=plan.height,
         timings=run.call.timings, total_ms=elapsed_ms(run.started), cost=cost,
         trace_id=telemetry.sampled_trace_id() or "")
+    if state.safety is not None:
+        info.safety.CopyFrom(state.safety.report())
     if not with_images:
         return orchestrator_pb2.GenerateResponse(info=info)
     return orchestrator_pb2.GenerateResponse(images=generated_images(state), info=info)
 
 
 def generated_images(state: RequestState) -> list[orchestrator_pb2.GeneratedImage]:
-    images = [orchestrator_pb2.GeneratedImage(image=file, seed=seed, index=i)
-              for i, (file, seed) in enumerate(zip(state.require("files"), state.plan.seeds))]
-    if state.face_work is not None:
-        for image, report in zip(images, state.face_work.reports):
-            image.faces.CopyFrom(report)
+    """The images the caller gets: none when the flow halted; withheld ones (no file) are left
+    out, so an image's `index` (its seed's position) may skip."""
+    if state.halted:
+        return []
+    images = []
+    for i, (file, seed) in enumerate(zip(state.require("files"), state.plan.seeds)):
+        if file is None:
+            continue
+        image = orchestrator_pb2.GeneratedImage(image=file, seed=seed, index=i)
+        if state.face_work is not None:
+            image.faces.CopyFrom(state.face_work.reports[i])
+        if state.safety is not None and i in state.safety.markings:
+            image.marking.CopyFrom(state.safety.markings[i])
+        images.append(image)
     return images
 
 

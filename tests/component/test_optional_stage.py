@@ -24,7 +24,7 @@ def test_an_always_needed_stage_must_have_an_address():
     with pytest.raises(ConfigError, match="vae_address: must be set"):
         load_config(orchestrator_config(STAGES), ["--vae-address", ""], environ={})
     config = load_config(orchestrator_config(TABLE), [], environ={})
-    assert config.vae_address == "" and [r.stage for r in config.routes()] == ["text_encoder", "denoiser"]
+    assert config.vae_address == "" and [r.stage for r in config.routes()] == ["text_encoder", "denoiser", "safety"]
 
 
 def test_a_request_needing_an_unconfigured_optional_stage_fails_with_failed_precondition(registry):

@@ -43,23 +43,6 @@ def _ci(name: str) -> dict[str, Any]:
     return yaml.safe_load((CI / name).read_text()) or {}
 
 
-# Every stage of the table with a canary, to render the widest chart.
-ALL_STAGES = {
-    "stages": {spec.name: {"canary": {"enabled": True, "weight": 5 + 10 * i, "shadowPercent": i}}
-               for i, spec in enumerate(STAGES)},
-    "serviceMonitor": {"enabled": True},
-    "registry": {"source": "configMap", "models": {"sd15": {"path": "sd15"}, "abs": {"path": "/data/x"}}},
-}
-
-PROFILES: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "canary-denoiser": _ci("canary-denoiser-values.yaml"),
-    "cpu-dev": _ci("cpu-dev-values.yaml"),
-    "gpu": _ci("gpu-values.yaml"),
-    "all-stages": ALL_STAGES,
-}
-
-
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Helm's mergeOverwrite on deep copies: maps merge key by key, anything else replaces."""
     out = copy.deepcopy(base)
@@ -69,6 +52,39 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+C2PA_SECRET = "diffmesh-c2pa-signing"
+# The least an install must say: how the safety stage signs the images it returns (the chart's
+# defaults choose nothing, and the render fails without a choice).
+SIGNED: dict[str, Any] = {"stages": {"safety": {"c2pa": {"secretName": C2PA_SECRET}}}}
+REVIEW_DB = {"secretName": "diffmesh-review-db", "key": "url"}
+
+
+def signed(values: dict[str, Any]) -> dict[str, Any]:
+    """values over SIGNED: for the tests about something other than signing."""
+    return deep_merge(SIGNED, values)
+
+
+# Every stage of the table with a canary, to render the widest chart (a safety canary shares the
+# review queue with the stable pods: PostgreSQL, not the pod's SQLite).
+ALL_STAGES = signed({
+    "stages": {spec.name: {"canary": {"enabled": True, "weight": 5 + 10 * i, "shadowPercent": i}}
+               for i, spec in enumerate(STAGES)}
+    | {"safety": {"canary": {"enabled": True, "weight": 5 + 10 * STAGES.names().index("safety"),
+                             "shadowPercent": STAGES.names().index("safety")},
+                  "secretSettings": {"review_database_url": REVIEW_DB}}},
+    "serviceMonitor": {"enabled": True},
+    "registry": {"source": "configMap", "models": {"sd15": {"path": "sd15"}, "abs": {"path": "/data/x"}}},
+})
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "defaults": SIGNED,
+    "canary-denoiser": _ci("canary-denoiser-values.yaml"),
+    "cpu-dev": _ci("cpu-dev-values.yaml"),
+    "gpu": _ci("gpu-values.yaml"),
+    "all-stages": ALL_STAGES,
+}
 
 
 def stage_values(values: dict[str, Any], name: str) -> dict[str, Any]:
@@ -150,6 +166,12 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
 
 def install(cfg: Any, chart: Any, values: dict[str, Any], name: str = RELEASE) -> dict[str, Any]:
     return cfg.install(chart, name, values, dry_run="client", namespace=NAMESPACE)
+
+
+def render_release(chart: Any, cfg: Any, values: dict[str, Any]) -> Rendered:
+    """values over SIGNED, installed (dry run) and parsed."""
+    values = signed(values)
+    return Rendered(values, chart.merge_values(values), install(cfg, chart, values))
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +257,7 @@ def render_test_pod(chart: Any, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_helm_test_pod_validates(chart: Any) -> None:
-    pod = render_test_pod(chart, {})
+    pod = render_test_pod(chart, SIGNED)
     kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (container,) = pod["spec"]["containers"]
@@ -253,14 +275,13 @@ def test_helm_test_pod_uses_the_plaintext_health_port_under_tls(profile: str, ch
     the plaintext health-only port (probePort -> DIFFMESH_HEALTH_PORT) that the stage serves then,
     and the NetworkPolicy must let it in there."""
     frontend = STAGES.frontend()
-    values = PROFILES["gpu"] if profile == "gpu" else {
+    values = PROFILES["gpu"] if profile == "gpu" else signed({
         "tls": {"secretName": "mesh-tls"},
-        "stages": {spec.name: {"probePort": spec.default_port + 100} for spec in STAGES}}
+        "stages": {spec.name: {"probePort": spec.default_port + 100} for spec in STAGES}})
     pod = render_test_pod(chart, values)
     kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
     (container,) = pod["spec"]["containers"]
-    rendered = renders["gpu"] if profile == "gpu" else Rendered(values, chart.merge_values(values),
-                                                                  install(helm_config, chart, values))
+    rendered = renders["gpu"] if profile == "gpu" else render_release(chart, helm_config, values)
     health_port = rendered.stage(frontend.name)["probePort"]
     assert health_port and health_port != frontend.default_port
     assert env_of(container)["TARGET"] == f"dns:///{RELEASE}-{frontend.flag}:{health_port}"
@@ -333,6 +354,39 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "orchestrator without a vae": ({"stages": {"vae": {"enabled": False}}}, "orchestrator needs the vae stage"),
     "bad image digest": ({"image": {"digest": "latest"}}, "/image/digest"),
     "bad otel sampler": ({"otel": {"tracesSampler": "sometimes"}}, "/otel/tracesSampler"),
+    "c2pa in stageDefaults": ({"stageDefaults": {"c2pa": {"secretName": "x"}}}, "/stageDefaults/c2pa"),
+    "secret setting without a key": ({"stages": {"safety": {"secretSettings": {"prompt_hash_salt": {"secretName": "s"}}}}},
+                                     "/stages/safety/secretSettings/prompt_hash_salt"),
+    "setting both plain and from a secret": (
+        {"stages": {"safety": {"settings": {"prompt_hash_salt": "pepper"},
+                               "secretSettings": {"prompt_hash_salt": {"secretName": "s", "key": "salt"}}}}},
+        "stages.safety: settings.prompt_hash_salt is also set by stages.safety.secretSettings"),
+    "state_dir besides state.mountPath": ({"stages": {"safety": {"settings": {"state_dir": "/data"}}}},
+                                          "settings.state_dir is also set by stages.safety.state.mountPath"),
+    "c2pa paths besides the c2pa secret": ({"stages": {"safety": {"settings": {"c2pa_key": "/k.pem"}}}},
+                                           "settings.c2pa_key is also set by stages.safety.c2pa.secretName"),
+    "state volume with two sources": (
+        {"stages": {"safety": {"state": {"volume": {"emptyDir": {}, "persistentVolumeClaim": {"claimName": "c"}}}}}},
+        "/stages/safety/state/volume"),
+    "merged state volume with two sources": (
+        {"stageDefaults": {"state": {"volume": {"emptyDir": {"sizeLimit": "1Gi"}}}},
+         "stages": {"safety": {"state": {"volume": {"persistentVolumeClaim": {"claimName": "c"}}}}}},
+        "stages.safety.state.volume has 2 sources (emptyDir, persistentVolumeClaim)"),
+    "relative state path": ({"stages": {"safety": {"state": {"mountPath": "var/state"}}}}, "/stages/safety/state/mountPath"),
+    "extra volume named like the chart's": (
+        {"stages": {"safety": {"extraVolumes": [{"name": "models", "emptyDir": {}}]}}},
+        'stages.safety.extraVolumes: the volume name "models" is the chart\'s own'),
+    "extra volume without a source": ({"stages": {"safety": {"extraVolumes": [{"name": "x"}]}}},
+                                      "/stages/safety/extraVolumes/0"),
+    "extra mount without a path": ({"stages": {"safety": {"extraVolumeMounts": [{"name": "x"}]}}},
+                                   "/stages/safety/extraVolumeMounts/0"),
+    "safety replicas on SQLite": ({"stages": {"safety": {"replicas": 3}}},
+                                  "stages.safety: replicas: 3 with the embedded SQLite review queue"),
+    "safety autoscaling on SQLite": ({"stages": {"safety": {"autoscaling": {"enabled": True}}}},
+                                     "stages.safety: autoscaling.enabled with the embedded SQLite review queue"),
+    "safety canary on SQLite": ({"stages": {"safety": {"canary": {"enabled": True}}}},
+                                "stages.safety: canary.enabled with the embedded SQLite review queue"),
+    "unknown egress key": ({"networkPolicy": {"egress": {"allow": []}}}, "'allow' not allowed"),
 }
 
 
@@ -340,7 +394,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
 def test_bad_values_are_rejected(case: str, chart: Any, helm_config: Any) -> None:
     values, reason = BAD_VALUES[case]
     with pytest.raises(helm.HelmError) as raised:
-        install(helm_config, chart, values, name="bad")
+        install(helm_config, chart, signed(values), name="bad")
     assert reason in " ".join(str(raised.value).split())
 
 
@@ -352,7 +406,7 @@ def test_stage_defaults_apply_under_every_stage(chart: Any, helm_config: Any) ->
     values = {"stageDefaults": {"podAnnotations": {"team": "ml"}, "startupSeconds": 900,
                                 "autoscaling": {"targetCPUUtilizationPercentage": 55}},
               "stages": {"denoiser": {"podAnnotations": {"team": "denoiser"}}}}
-    rendered = Rendered(values, chart.merge_values(values), install(helm_config, chart, values))
+    rendered = render_release(chart, helm_config, values)
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     for stage, _, deployment, _ in rendered.deployments():
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -365,7 +419,7 @@ def test_stage_defaults_apply_under_every_stage(chart: Any, helm_config: Any) ->
 
 
 def test_missing_stage_can_be_external(chart: Any, helm_config: Any) -> None:
-    release = install(helm_config, chart, {"stages": {"vae": {"enabled": False, "address": "vae.gpu-pool:50063"}}})
+    release = install(helm_config, chart, signed({"stages": {"vae": {"enabled": False, "address": "vae.gpu-pool:50063"}}}))
     deployments = {doc["metadata"]["name"]: doc for doc in parse(release["manifest"]) if doc["kind"] == "Deployment"}
     assert f"{RELEASE}-vae" not in deployments
     (container,) = deployments[f"{RELEASE}-orchestrator"]["spec"]["template"]["spec"]["containers"]
@@ -391,7 +445,7 @@ def test_one_deployment_per_enabled_stage_and_variant(rendered: Rendered) -> Non
 
 def test_disabled_stages_render_nothing(chart: Any, helm_config: Any, renders: dict[str, Rendered]) -> None:
     values = {"stages": {"text_encoder": {"enabled": False, "address": "te.shared:50061"}}}
-    names = [doc["metadata"]["name"] for doc in parse(install(helm_config, chart, values)["manifest"])]
+    names = [doc["metadata"]["name"] for doc in parse(install(helm_config, chart, signed(values))["manifest"])]
     assert not [name for name in names if "text-encoder" in name]
     wide = [doc["metadata"]["name"] for doc in renders["all-stages"].docs]
     assert {f"{RELEASE}-{spec.flag}-canary" for spec in STAGES} <= set(wide)
@@ -501,7 +555,10 @@ def test_an_hpa_and_a_pdb_per_stage(rendered: Rendered) -> None:
         assert {d["metadata"]["name"] for d in selected} <= {name, f"{name}-canary"} and selected
         assert ("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"])
     if rendered.values is PROFILES["defaults"]:
-        assert len(hpas) == len(pdbs) == len(STAGES.names())
+        assert len(pdbs) == len(STAGES.names())
+        # Every stage scales by default but safety, whose default review queue is one pod's SQLite.
+        assert {name.removeprefix(f"{RELEASE}-") for name in hpas} == {
+            spec.flag for spec in STAGES if spec.name != "safety"}
 
 
 def test_termination_grace_is_longer_than_the_drain(rendered: Rendered) -> None:
@@ -514,7 +571,7 @@ def test_termination_grace_is_longer_than_the_drain(rendered: Rendered) -> None:
 
 
 def test_security_context_non_root_read_only(rendered: Rendered) -> None:
-    for _, _, deployment, container in rendered.deployments():
+    for stage, _, deployment, container in rendered.deployments():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] > 0
@@ -528,8 +585,9 @@ def test_security_context_non_root_read_only(rendered: Rendered) -> None:
         assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
         assert env_of(container)["HOME"].startswith("/tmp")
         assert mounts[rendered.merged["models"]["mountPath"]]["readOnly"] is True
-        # Every mount but /tmp is read-only.
-        assert all(m.get("readOnly") for path, m in mounts.items() if path != "/tmp")
+        # Every mount but /tmp and the stage's own state volume is read-only.
+        writable = {"/tmp", rendered.stage(stage)["state"]["mountPath"]}
+        assert all(m.get("readOnly") for path, m in mounts.items() if path not in writable), stage
 
 
 def test_models_and_registry_mounts(rendered: Rendered) -> None:
@@ -619,15 +677,31 @@ def test_orchestrator_config_accepts_the_rendered_env(profile: str, renders: dic
             assert not route.canary and route.canary_weight == 0
 
 
+def resolved_value_from(container: dict[str, Any]) -> dict[str, str]:
+    """The DIFFMESH_* valueFrom entries as the kubelet would resolve them: a CPU limit of "2"
+    (DIFFMESH_TORCH_THREADS), a Secret's value as a placeholder naming the Secret and key."""
+    resolved = {}
+    for item in container.get("env", []):
+        source = item.get("valueFrom", {})
+        if not item["name"].startswith(ENV_PREFIX) or not source:
+            continue
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            resolved[item["name"]] = f"from-secret-{ref['name']}-{ref['key']}"
+        else:
+            assert set(source) == {"resourceFieldRef"}, item
+            resolved[item["name"]] = "2"
+    return resolved
+
+
 def test_every_stage_loads_its_rendered_env(rendered: Rendered) -> None:
     """Each stage's own settings loader (its config class, which refuses unknown DIFFMESH_*
     variables) accepts what the chart renders for it, and reads the chart's ports and drain."""
     from diffmesh.runtime.config import load_config
 
     for stage, variant, _, container in rendered.deployments():
-        # valueFrom entries (DIFFMESH_TORCH_THREADS: the CPU limit) are resolved by the kubelet: "2".
-        env = {k: "2" if v is None else v for k, v in env_of(container).items()
-               if v is not None or k.startswith(ENV_PREFIX)}
+        env = {k: v for k, v in env_of(container).items() if v is not None}
+        env.update(resolved_value_from(container))
         config = load_config(config_class(STAGES[stage]), [], environ=env)
         assert config.host == "0.0.0.0"
         assert config.port == rendered.stage(stage)["port"]
@@ -657,7 +731,9 @@ def test_network_policy_only_orchestrator_reaches_stage_grpc(rendered: Rendered)
     for stage in rendered.enabled_stages():
         name = f"{RELEASE}-{stage.replace('_', '-')}"
         spec = policies[name]["spec"]
-        assert spec["policyTypes"] == ["Ingress"]
+        restricted = rendered.merged["networkPolicy"]["egress"]["enabled"]
+        assert spec["policyTypes"] == (["Ingress", "Egress"] if restricted else ["Ingress"])
+        assert ("egress" in spec) == restricted
         for variant_name in (name, f"{name}-canary"):
             if variant_name in deployments:
                 pod_labels = deployments[variant_name]["spec"]["template"]["metadata"]["labels"]
@@ -742,6 +818,196 @@ def test_long_release_names_stay_valid_dns_labels(chart: Any, helm_config: Any) 
         assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
 
 
+# --- the safety stage: signing, state, review database, extra volumes, egress -----------------
+
+SIGNING_REFUSED = "every returned image is C2PA-signed: set stages.safety.c2pa.secretName"
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"stages": {"safety": {"settings": {"c2pa_dev_chain": False}}}},
+    # The canary is a pod of its own: it must sign too.
+    {"stages": {"safety": {"settings": {"c2pa_dev_chain": True},
+                           "secretSettings": {"review_database_url": REVIEW_DB},
+                           "canary": {"enabled": True, "settings": {"c2pa_dev_chain": False}}}}},
+], ids=["defaults", "dev chain off", "canary unsigned"])
+def test_render_fails_without_c2pa_signing(values: dict[str, Any], chart: Any, helm_config: Any) -> None:
+    with pytest.raises(helm.HelmError) as raised:
+        install(helm_config, chart, values, name="unsigned")
+    message = " ".join(str(raised.value).split())
+    assert SIGNING_REFUSED in message
+    assert "c2pa_dev_chain: true (a development chain, never in production)" in message
+
+
+def test_signing_is_not_asked_of_a_release_without_safety(chart: Any, helm_config: Any) -> None:
+    values = {"stages": {"safety": {"enabled": False, "address": "safety.shared:50065"}}}
+    release = Rendered(values, chart.merge_values(values), install(helm_config, chart, values))
+    assert f"{RELEASE}-safety" not in release.named("Deployment")
+    (orchestrator,) = [c for stage, _, _, c in release.deployments() if stage == STAGES.frontend().name]
+    assert env_of(orchestrator)["DIFFMESH_SAFETY_ADDRESS"] == "safety.shared:50065"
+
+
+def container_of(rendered: Rendered, stage: str, variant: str = "stable") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod spec, container) of one stage's variant."""
+    (found,) = [(d["spec"]["template"]["spec"], c) for s, v, d, c in rendered.deployments() if (s, v) == (stage, variant)]
+    return found
+
+
+def test_c2pa_secret_is_mounted_under_fixed_names(renders: dict[str, Rendered]) -> None:
+    """gpu-values names a cert-manager style Secret (tls.crt, tls.key): the container reads it as
+    chain.pem and key.pem, whatever the Secret's keys."""
+    pod, container = container_of(renders["gpu"], "safety")
+    env = env_of(container)
+    assert env["DIFFMESH_C2PA_CERT_CHAIN"] == "/etc/diffmesh/c2pa/chain.pem"
+    assert env["DIFFMESH_C2PA_KEY"] == "/etc/diffmesh/c2pa/key.pem"
+    assert "DIFFMESH_C2PA_DEV_CHAIN" not in env
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["c2pa"] == {"name": "c2pa", "mountPath": "/etc/diffmesh/c2pa", "readOnly": True}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["c2pa"]["secret"] == {"secretName": C2PA_SECRET, "defaultMode": 0o440,
+                                         "items": [{"key": "tls.crt", "path": "chain.pem"},
+                                                   {"key": "tls.key", "path": "key.pem"}]}
+    # Only the stage that signs gets the signing key.
+    for stage, _, _, other in renders["gpu"].deployments():
+        if stage != "safety":
+            assert "c2pa" not in {m["name"] for m in other["volumeMounts"]}, stage
+
+
+def test_dev_chain_profile_signs_in_the_state_volume(renders: dict[str, Rendered]) -> None:
+    pod, container = container_of(renders["cpu-dev"], "safety")
+    env = env_of(container)
+    assert env["DIFFMESH_C2PA_DEV_CHAIN"] == "true"
+    assert "DIFFMESH_C2PA_CERT_CHAIN" not in env and "c2pa" not in {v["name"] for v in pod["volumes"]}
+    assert env["DIFFMESH_STATE_DIR"] == "/var/lib/diffmesh/safety"
+    # The install says that this is no production signing; a release with a real chain does not.
+    assert "signs images with a development C2PA chain" in renders["cpu-dev"].release["notes"]
+    assert "development C2PA chain" not in renders["gpu"].release["notes"]
+
+
+def test_state_volume_is_mounted_where_state_dir_points(rendered: Rendered) -> None:
+    """A stage with state.mountPath gets one writable volume there and DIFFMESH_STATE_DIR; the
+    others get neither (the table's stateful stages are the ones with a mountPath: see
+    values_mismatches)."""
+    for stage, variant, deployment, container in rendered.deployments():
+        state = rendered.stage(stage)["state"]
+        env = env_of(container)
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        if not state["mountPath"]:
+            assert "DIFFMESH_STATE_DIR" not in env and "state" not in mounts and "state" not in volumes, stage
+            continue
+        assert env["DIFFMESH_STATE_DIR"] == state["mountPath"], (stage, variant)
+        assert mounts["state"] == {"name": "state", "mountPath": state["mountPath"]}
+        source = {k: v for k, v in volumes["state"].items() if k != "name"}
+        assert source == (state["volume"] or {"emptyDir": {}}), (stage, variant)
+    assert renders_state_of_safety(rendered)
+
+
+def renders_state_of_safety(rendered: Rendered) -> bool:
+    """Every profile that deploys safety mounts its state (the default SQLite queue's home)."""
+    return "safety" not in rendered.enabled_stages() or bool(rendered.stage("safety")["state"]["mountPath"])
+
+
+def test_state_volume_takes_any_volume_source(chart: Any, helm_config: Any) -> None:
+    claim = {"persistentVolumeClaim": {"claimName": "diffmesh-safety-state"}}
+    rendered = render_release(chart, helm_config, {"stages": {"safety": {
+        "state": {"mountPath": "/data/safety", "volume": claim}, "strategy": {"type": "Recreate"}}}})
+    pod, container = container_of(rendered, "safety")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "state"]
+    assert volume == {"name": "state", **claim}
+    assert env_of(container)["DIFFMESH_STATE_DIR"] == "/data/safety"
+    assert {"name": "state", "mountPath": "/data/safety"} in container["volumeMounts"]
+    for doc in rendered.docs:
+        _validate(doc)
+
+
+def test_review_database_and_salt_come_from_secrets(renders: dict[str, Rendered]) -> None:
+    """gpu-values keeps the PostgreSQL URL and the prompt-hash salt in Secrets: the env carries a
+    secretKeyRef, never a value, and with a shared database the stage autoscales."""
+    rendered = renders["gpu"]
+    _, container = container_of(rendered, "safety")
+    by_name = {item["name"]: item for item in container["env"]}
+    for name, (secret, key) in {"DIFFMESH_REVIEW_DATABASE_URL": ("diffmesh-review-db", "url"),
+                                "DIFFMESH_PROMPT_HASH_SALT": ("diffmesh-safety-salt", "salt")}.items():
+        assert by_name[name] == {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+    assert f"{RELEASE}-safety" in rendered.named("HorizontalPodAutoscaler")
+    assert "postgresql://" not in rendered.release["manifest"]
+
+
+def test_review_database_from_a_secret_allows_replicas_and_a_canary(chart: Any, helm_config: Any) -> None:
+    rendered = render_release(chart, helm_config, {"stages": {"safety": {
+        "secretSettings": {"review_database_url": REVIEW_DB}, "replicas": 3, "autoscaling": {"enabled": False},
+        "canary": {"enabled": True, "weight": 10}}}})
+    for variant in ("stable", "canary"):
+        _, container = container_of(rendered, "safety", variant)
+        (ref,) = [item["valueFrom"]["secretKeyRef"] for item in container["env"]
+                  if item["name"] == "DIFFMESH_REVIEW_DATABASE_URL"]
+        assert ref == {"name": REVIEW_DB["secretName"], "key": REVIEW_DB["key"]}
+    assert rendered.named("Deployment")[f"{RELEASE}-safety"]["spec"]["replicas"] == 3
+
+
+def test_extra_volumes_and_mounts_render(renders: dict[str, Rendered]) -> None:
+    """gpu-values mounts the protected-identity gallery from a Secret with extraVolumes and
+    extraVolumeMounts, and points gallery_file into it."""
+    rendered = renders["gpu"]
+    pod, container = container_of(rendered, "safety")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "safety-gallery"]
+    assert volume == {"name": "safety-gallery", "secret": {"secretName": "diffmesh-safety-gallery", "defaultMode": 0o440}}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "safety-gallery"]
+    assert mount == {"name": "safety-gallery", "mountPath": "/etc/diffmesh/safety-gallery", "readOnly": True}
+    assert env_of(container)["DIFFMESH_GALLERY_FILE"].startswith(mount["mountPath"] + "/")
+    for stage, _, deployment, other in rendered.deployments():
+        if stage != "safety":
+            assert "safety-gallery" not in {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_extra_volumes_reach_any_stage_and_its_canary(chart: Any, helm_config: Any) -> None:
+    config = {"name": "vae-tuning", "configMap": {"name": "vae-tuning"}}
+    rendered = render_release(chart, helm_config, {"stages": {"vae": {
+        "extraVolumes": [config], "extraVolumeMounts": [{"name": "vae-tuning", "mountPath": "/etc/vae", "readOnly": True}],
+        "canary": {"enabled": True}}}})
+    for variant in ("stable", "canary"):
+        pod, container = container_of(rendered, "vae", variant)
+        assert config in pod["volumes"]
+        assert {"name": "vae-tuning", "mountPath": "/etc/vae", "readOnly": True} in container["volumeMounts"]
+    for doc in rendered.docs:
+        _validate(doc)
+
+
+def test_egress_is_restricted_to_what_each_stage_needs(renders: dict[str, Rendered]) -> None:
+    """gpu-values restricts egress: every stage may reach DNS and the collector; the orchestrator
+    also its backends' gRPC ports (their pods, both variants); safety also its PostgreSQL."""
+    rendered = renders["gpu"]
+    policies = rendered.named("NetworkPolicy")
+    egress_values = rendered.merged["networkPolicy"]["egress"]
+    assert egress_values["enabled"]
+    deployments = rendered.named("Deployment")
+    frontend = STAGES.frontend().name
+    for stage in rendered.enabled_stages():
+        rules = policies[f"{RELEASE}-{stage.replace('_', '-')}"]["spec"]["egress"]
+        dns, *rest = rules
+        assert dns["ports"] == [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+        assert dns["to"] == egress_values["dns"]
+        backend_rules = [r for r in rest if "podSelector" in r["to"][0] and len(r["to"][0]) == 1]
+        own = rendered.stage(stage)["egress"]
+        assert rest == backend_rules + egress_values["to"] + own, stage
+        if stage == frontend:
+            reached = {}
+            for rule in backend_rules:
+                (port,) = rule["ports"]
+                for name, deployment in deployments.items():
+                    if rule["to"][0]["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items():
+                        reached[name] = port["port"]
+            expected = {name: rendered.stage(s)["port"] for name, (s, _) in rendered.expected_deployments().items()
+                        if s != frontend}
+            assert reached == expected
+        else:
+            assert not backend_rules, stage
+    (database,) = rendered.stage("safety")["egress"]
+    assert database["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    assert all(not rendered.stage(s)["egress"] for s in rendered.enabled_stages() if s != "safety")
+
+
 # --- the stage table: one declaration of the stages (diffmesh/stages.py) -----------------------
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
@@ -789,7 +1055,8 @@ def values_mismatches(table: StageTable, values: dict[str, Any], schema: dict[st
         own = stage_values(values, spec.name)
         checks = [("port", own.get("port"), spec.default_port, "default_port"),
                   ("gpu", own["gpu"], spec.gpu, "gpu"),
-                  ("role", own["role"], spec.role.value, "role")]
+                  ("role", own["role"], spec.role.value, "role"),
+                  ("a state.mountPath", bool(own["state"]["mountPath"]), spec.stateful, "stateful")]
         if spec.role is Role.BACKEND:
             checks.append(("need", own["need"], spec.need.value, "need"))
         for key, chart_value, table_value, field in checks:
@@ -916,18 +1183,20 @@ def test_stage_table_checks_name_the_stage_and_what_is_missing(renders: dict[str
     assert f"Deployment {RELEASE}-vae runs stage 'vae'" in problems
     assert "DIFFMESH_VAE_ADDRESS is not the address of a backend" in problems
 
-    moved = StageTable(tuple(dataclasses.replace(spec, default_port=50099, gpu=not spec.gpu, module="services.x.main")
+    moved = StageTable(tuple(dataclasses.replace(spec, default_port=50099, gpu=not spec.gpu, module="services.x.main",
+                                                 stateful=True)
                              if spec.name == "text_encoder" else spec for spec in STAGES))
     problems = "\n".join(values_mismatches(moved, VALUES, SCHEMA) + rendered_mismatches(moved, renders["gpu"], True))
     assert "stage 'text_encoder': values.yaml has port: 50061, diffmesh/stages.py has default_port=50099" in problems
     assert "stage 'text_encoder': values.yaml has gpu: False" in problems
+    assert "stage 'text_encoder': values.yaml has a state.mountPath: False, diffmesh/stages.py has stateful=True" in problems
     assert "the table says `python -m services.x`" in problems
     assert ("stage 'text_encoder' (stable): gpu=True in diffmesh/stages.py but the pod lacks GPU placement "
             "(nodeSelector, nvidia.com/gpu, runtimeClassName, tolerations)") in problems
 
     # A chart stage the table lacks, rendered: reported as a Deployment of an unknown stage.
     values = {"stages": {"upscaler": {"port": 50070}}}
-    extra = Rendered(values, chart.merge_values(values), install(helm_config, chart, values))
+    extra = render_release(chart, helm_config, values)
     problems = "\n".join(rendered_mismatches(STAGES, extra, True))
     assert f"Deployment {RELEASE}-upscaler runs stage 'upscaler', which is not in diffmesh/stages.py" in problems
     assert "DIFFMESH_UPSCALER_ADDRESS is not the address of a backend" in problems

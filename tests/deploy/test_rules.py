@@ -37,7 +37,9 @@ RELEASE = "mesh"
 KUBE_VERSION = "1.33.0"
 ENABLED = {"prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
            "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "diffmesh"}},
-           "serviceMonitor": {"enabled": True}}
+           "serviceMonitor": {"enabled": True},
+           # Every install chooses how the safety stage signs images (the chart's defaults do not).
+           "stages": {"safety": {"c2pa": {"secretName": "diffmesh-c2pa-signing"}}}}
 ERRORS = "INTERNAL|UNKNOWN|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|UNIMPLEMENTED"
 
 
@@ -51,6 +53,7 @@ def promtool() -> str:
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    values = {**values, "stages": {**ENABLED["stages"], **values.get("stages", {})}}
     with helm.Config(storage_driver="memory") as cfg, helm.Chart.load(CHART) as chart:
         release = cfg.install(chart, RELEASE, values, dry_run="client", namespace=NAMESPACE)
     return [doc for doc in yaml.safe_load_all(release["manifest"]) if doc]

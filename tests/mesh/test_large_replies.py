@@ -52,9 +52,12 @@ def test_three_large_images_stream_to_a_stock_client_each_in_its_own_event(stock
     for image in response.images:
         assert image.image.mime_type == "image/png" and pixels(image.image.data).shape == (768, 768, 3)
     assert not events[-1].result.images and events[-1].result.info.width == 768
-    # Image i of the batch is a one-image request with seed 21 + i (batch arithmetic: within 1 of 255).
-    single = stock.Generate(build_request("a lighthouse", count=1, seed=22, **BIG), timeout=120)
-    assert np.abs(pixels(single.images[0].image.data) - pixels(response.images[1].image.data)).max() <= 1
+    # (Image i of a batch equals a one-image request with seed + i: test_equivalence checks it at
+    # sizes under 256x256, which carry no watermark. Here the tiny model's noise at 768x768 and the
+    # mark's quantisation turn batch arithmetic's 1/255 into whole-step differences on a third of
+    # the blocks, so the claim is not checked at this size.)
+    for image in response.images:
+        assert image.marking.watermarked and image.marking.manifest
 
 
 def test_unary_generate_of_the_same_request_fails_failed_precondition_before_any_stage_works(mesh, stock):
@@ -68,11 +71,15 @@ def test_unary_generate_of_the_same_request_fails_failed_precondition_before_any
 
 def test_an_image_larger_than_a_chunk_arrives_in_chunks_equal_to_the_unary_file(stock):
     # One 1152x1152 PNG is ~3.4 MB: over the 3 MiB chunk; its worst case is under the 4 MiB unary limit.
-    request = build_request("a harbour", count=1, seed=5, **{**BIG, "width": 1152, "height": 1152})
+    request = build_request("a harbour", count=1, seed=5, request_key="harbour",
+                            **{**BIG, "width": 1152, "height": 1152})
     events = list(stock.GenerateStream(request, timeout=120))
     chunks = [e.image for e in events if e.HasField("image")]
     assert len(chunks) == 2 and [c.last for c in chunks] == [False, True]
     assert max(event.ByteSize() for event in events) < STOCK_LIMIT
     streamed = collect_stream(events).images[0]
     unary = stock.Generate(request, timeout=120).images[0]
-    assert streamed == unary and len(unary.image.data) == chunks[0].file_size
+    # The same image (pixels: each file's C2PA manifest has its own id and time), as one file.
+    assert len(streamed.image.data) == chunks[0].file_size
+    assert np.array_equal(pixels(streamed.image.data), pixels(unary.image.data))
+    assert streamed.marking.manifest and streamed.marking == unary.marking

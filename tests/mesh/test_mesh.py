@@ -40,7 +40,9 @@ def test_stream_sends_every_step_then_the_images(client):
     info = result.info
     assert (info.model, info.scheduler, info.steps, info.width, info.height) == ("tiny-sd15", "euler", 7, 64, 64)
     assert info.guidance_scale == pytest.approx(7.5)  # diffusers' SD 1.x default
-    assert [t.stage for t in info.timings] == ["text_encoder", "denoiser", "vae.decode"]
+    assert [t.stage for t in info.timings] == ["safety.check_prompt", "text_encoder", "denoiser", "vae.decode",
+                                               "face.analyze", "safety.check_images", "safety.mark_images"]
+    assert {t.phase for t in info.timings if t.stage.startswith("safety.")} == {"safety"}
     assert all(t.wall_ms > 0 and t.variant == "stable" for t in info.timings)
     assert info.total_ms >= sum(t.wall_ms for t in info.timings) * 0.9
     assert len(info.request_id) == 32
@@ -55,7 +57,7 @@ def test_img2img_stream_runs_strength_times_steps(client):
     assert [p.total_steps for p in progress] == [5] * 5
     info = events[-1].result.info
     assert (info.width, info.height, info.strength) == (72, 48, pytest.approx(0.5))
-    assert [t.stage for t in info.timings][:2] in (["text_encoder", "vae.encode"], ["vae.encode", "text_encoder"])
+    assert [t.stage for t in info.timings][1:3] in (["text_encoder", "vae.encode"], ["vae.encode", "text_encoder"])
 
 
 @pytest.mark.parametrize("fmt,mime,magic", [("jpeg", "image/jpeg", b"\xff\xd8"), ("webp", "image/webp", b"RIFF"),
@@ -123,7 +125,8 @@ def test_deadline_propagates_to_the_denoiser(mesh, client):
 
 def test_reflection_lists_each_stage_service(mesh):
     expected = {"text_encoder": "diffmesh.v1.TextEncoder", "denoiser": "diffmesh.v1.Denoiser",
-                "vae": "diffmesh.v1.Vae", "face": "diffmesh.v1.FaceService", "orchestrator": "diffmesh.v1.Orchestrator"}
+                "vae": "diffmesh.v1.Vae", "face": "diffmesh.v1.FaceService", "safety": "diffmesh.v1.SafetyService",
+                "orchestrator": "diffmesh.v1.Orchestrator"}
     for stage in STAGES.names():
         with grpc.insecure_channel(mesh.address(stage)) as channel:
             database = ProtoReflectionDescriptorDatabase(channel)

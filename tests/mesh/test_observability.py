@@ -17,7 +17,8 @@ from diffmesh.proto.v1 import orchestrator_pb2_grpc
 
 # A txt2img request calls the stages every flow needs (the face stage is optional: face flows only).
 TXT2IMG_STAGES = [spec.name for spec in STAGES if spec.need is Need.ALWAYS]
-SERVICES = {STAGES[name].program for name in TXT2IMG_STAGES}
+# The image check also asks the face stage for the faces of the result (the policy's minor rule).
+SERVICES = {STAGES[name].program for name in TXT2IMG_STAGES} | {STAGES["face"].program}
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
 PROMPT = "a secret prompt about a purple giraffe"
 
@@ -60,9 +61,11 @@ def test_each_stage_server_span_is_the_child_of_an_orchestrator_client_span(trac
     _, _, _, spans = traced_call
     by_id = {s.span_id: s for s in spans}
     stage_servers = [s for s in spans if s.kind == SERVER and s.service != "diffmesh-orchestrator"]
-    assert sorted(s.name for s in stage_servers) == sorted([
-        "/diffmesh.v1.TextEncoder/Encode", "/diffmesh.v1.Vae/Encode", "/diffmesh.v1.Denoiser/Denoise",
-        "/diffmesh.v1.Vae/Decode"])
+    # DescribePolicy is asked at most every 30 s (cached): in this trace or not.
+    assert sorted(s.name for s in stage_servers if not s.name.endswith("/DescribePolicy")) == sorted([
+        "/diffmesh.v1.SafetyService/CheckPrompt", "/diffmesh.v1.TextEncoder/Encode", "/diffmesh.v1.Vae/Encode",
+        "/diffmesh.v1.Denoiser/Denoise", "/diffmesh.v1.Vae/Decode", "/diffmesh.v1.FaceService/Analyze",
+        "/diffmesh.v1.SafetyService/CheckImages", "/diffmesh.v1.SafetyService/MarkImages"])
     for server in stage_servers:
         client = by_id[server.parent_span_id]
         assert client.kind == CLIENT and client.service == "diffmesh-orchestrator" and client.name == server.name
@@ -89,7 +92,8 @@ def test_spans_carry_semantic_and_mesh_attributes(traced_call):
     assert [e["attributes"]["step"] for e in loop.events] == [1, 2, 3]  # 4 steps x strength 0.75
     assert all("timestep" in e["attributes"] for e in loop.events)
     names = {s.name for s in spans}
-    assert {"encode_prompt", "vae.encode", "vae.decode", "encode_files", "queue_wait"} <= names
+    assert {"safety.check_prompt", "encode_prompt", "vae.encode", "vae.decode", "safety.check_images",
+            "safety.mark_images", "queue_wait"} <= names
 
 
 def test_no_span_contains_the_prompt_text(traced_call):
@@ -103,7 +107,7 @@ def test_no_span_contains_the_prompt_text(traced_call):
 def test_the_response_and_root_span_carry_the_cost(traced_call):
     _, _, response, spans = traced_call
     info = response.info
-    assert [t.stage for t in info.timings][2:] == ["denoiser", "vae.decode"]
+    assert [t.stage for t in info.timings if t.phase != "safety"][2:] == ["denoiser", "vae.decode"]
     for t in info.timings:
         assert t.compute_ms > 0 and t.queue_ms >= 0 and t.bytes_sent > 0 and t.bytes_received > 0
         assert t.device == "cpu" and t.variant == "stable" and t.instance_id
@@ -147,7 +151,8 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 def test_every_service_exposes_metrics_that_move(mesh, client):
     methods = {"orchestrator": "/diffmesh.v1.Orchestrator/Generate", "text_encoder": "/diffmesh.v1.TextEncoder/Encode",
-               "denoiser": "/diffmesh.v1.Denoiser/Denoise", "vae": "/diffmesh.v1.Vae/Decode"}
+               "denoiser": "/diffmesh.v1.Denoiser/Denoise", "vae": "/diffmesh.v1.Vae/Decode",
+               "safety": "/diffmesh.v1.SafetyService/CheckPrompt"}
     before = {stage: scrape(mesh, stage) for stage in TXT2IMG_STAGES}
     client.generate(build_request(f"metrics probe {secrets.token_hex(4)}", model="tiny-sd15", width=64, height=64,
                                   steps=3, seed=2), timeout=60)

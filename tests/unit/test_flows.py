@@ -35,14 +35,17 @@ def test_the_flow_follows_from_the_request_fields():
         "photo+faces"
 
 
-def test_every_declared_flow_is_consistent_and_ends_with_files():
+def test_every_declared_flow_is_consistent_and_guarded_by_safety_at_both_ends():
     for flow in FLOWS.values():
         flow.check()
+        # The prompt gate before any GPU work; the image check, then marking, as the files.
+        assert flow.steps[0].name == "check_prompt"
+        assert [step.name for step in flow.steps[-2:]] == ["check_images", "mark_files"]
         assert flow.steps[-1].writes == ("files",)
     # Stage 2 needs the face stage on top of stage 1's, and plans its calls to the others.
-    assert FLOWS["txt2img+faces"].stages() == ["denoiser", "face", "text_encoder", "vae"]
-    assert FLOWS["photo+faces"].stages() == ["denoiser", "face", "text_encoder", "vae"]
-    assert FLOWS["txt2img"].stages() == ["denoiser", "text_encoder", "vae"]
+    assert FLOWS["txt2img+faces"].stages() == ["denoiser", "face", "safety", "text_encoder", "vae"]
+    assert FLOWS["photo+faces"].stages() == ["denoiser", "face", "safety", "text_encoder", "vae"]
+    assert FLOWS["txt2img"].stages() == ["denoiser", "safety", "text_encoder", "vae"]
 
 
 class Writes(Step):

@@ -50,7 +50,8 @@ def test_service_methods_are_the_descriptors_full_method_paths() -> None:
     assert metrics.service_methods(service_descriptor("diffmesh.v1.Vae")) == ["/diffmesh.v1.Vae/Decode",
                                                                             "/diffmesh.v1.Vae/Encode"]
     assert metrics.service_methods(service_descriptor("diffmesh.v1.Orchestrator")) == [
-        "/diffmesh.v1.Orchestrator/Generate", "/diffmesh.v1.Orchestrator/GenerateStream"]
+        "/diffmesh.v1.Orchestrator/Generate", "/diffmesh.v1.Orchestrator/GenerateStream",
+        "/diffmesh.v1.Orchestrator/FetchReviewed"]
 
 
 @pytest.mark.parametrize("stage", STAGES.names())

@@ -44,11 +44,11 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
 
 
 def _modules() -> dict[str, ModuleType]:
-    from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, face_pb2, orchestrator_pb2, tensor_pb2,
+    from diffmesh.proto.v1 import (common_pb2, denoiser_pb2, face_pb2, orchestrator_pb2, safety_pb2, tensor_pb2,
                                    text_encoder_pb2, vae_pb2)
 
     return {"common": common_pb2, "denoiser": denoiser_pb2, "face": face_pb2, "orchestrator": orchestrator_pb2,
-            "tensor": tensor_pb2, "text_encoder": text_encoder_pb2, "vae": vae_pb2}
+            "safety": safety_pb2, "tensor": tensor_pb2, "text_encoder": text_encoder_pb2, "vae": vae_pb2}
 
 
 def test_every_file_is_in_package_diffmesh_v1() -> None:
@@ -69,6 +69,10 @@ METHODS = {
     ("face", "FaceService", "EncodeIdentity"): ("EncodeIdentityRequest", "EncodeIdentityResponse", False),
     ("orchestrator", "Orchestrator", "Generate"): ("GenerateRequest", "GenerateResponse", False),
     ("orchestrator", "Orchestrator", "GenerateStream"): ("GenerateRequest", "GenerateEvent", True),
+    ("orchestrator", "Orchestrator", "FetchReviewed"): ("FetchReviewedRequest", "GenerateResponse", False),
+    **{("safety", "SafetyService", name): (f"{name}Request", f"{name}Response", False)
+       for name in ("CheckPrompt", "CheckImages", "MarkImages", "DescribePolicy", "ListCases", "GetCase",
+                    "DecideCase", "PurgeExpiredCases", "ReleaseCase")},
 }
 
 

@@ -126,7 +126,7 @@ def test_compute_processes_share_the_hosts_cpus(monkeypatch):
     threads = {i.name: mesh.torch_threads(i) for i in mesh.instances()}
     # The table's overrides (one thread for the light stages), the orchestrator runs no model, and
     # three denoiser processes share 8 CPUs.
-    assert threads == {"text_encoder": 1, "vae": 1, "face": 1, "orchestrator": 1, "denoiser": 2, "denoiser-1": 2,
+    assert threads == {"text_encoder": 1, "vae": 1, "face": 1, "safety": 1, "orchestrator": 1, "denoiser": 2, "denoiser-1": 2,
                        "denoiser-canary": 2}
     command = mesh.command(Instance("denoiser", "denoiser", "stable"), ["--torch-threads", "5"])
     flags = [command[i + 1] for i, arg in enumerate(command) if arg == "--torch-threads"]

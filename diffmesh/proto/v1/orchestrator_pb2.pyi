@@ -1,5 +1,6 @@
 from diffmesh.proto.v1 import common_pb2 as _common_pb2
 from diffmesh.proto.v1 import face_pb2 as _face_pb2
+from diffmesh.proto.v1 import safety_pb2 as _safety_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -17,6 +18,16 @@ class FaceMaskShape(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 FACE_MASK_SHAPE_UNSPECIFIED: FaceMaskShape
 FACE_MASK_SHAPE_ELLIPSE: FaceMaskShape
 FACE_MASK_SHAPE_LANDMARKS: FaceMaskShape
+
+class FetchReviewedRequest(_message.Message):
+    __slots__ = ("case_id", "output_format", "quality")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    output_format: _common_pb2.ImageFormat
+    quality: int
+    def __init__(self, case_id: _Optional[str] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., quality: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "model", "width", "height", "steps", "scheduler", "guidance_scale", "seed", "count", "init_image", "strength", "output_format", "quality", "request_key", "prompt_2", "negative_prompt_2", "clip_skip", "literal_prompt", "timesteps", "timestep_anchors", "timestep_spacing", "sigma_schedule", "guidance_rescale", "change_map", "mask", "mask_feather", "paste_back", "preview_every", "reference_faces", "face_weight", "detail_faces", "base_image", "face_detailing")
@@ -173,19 +184,21 @@ class FaceDetailingReport(_message.Message):
     def __init__(self, detailed: _Optional[bool] = ..., skipped_reason: _Optional[str] = ..., faces_found: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[DetailedFace, _Mapping]]] = ..., embedding_model: _Optional[str] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
-    __slots__ = ("image", "seed", "index", "faces")
+    __slots__ = ("image", "seed", "index", "faces", "marking")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FACES_FIELD_NUMBER: _ClassVar[int]
+    MARKING_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.EncodedImage
     seed: int
     index: int
     faces: FaceDetailingReport
-    def __init__(self, image: _Optional[_Union[_common_pb2.EncodedImage, _Mapping]] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., faces: _Optional[_Union[FaceDetailingReport, _Mapping]] = ...) -> None: ...
+    marking: _safety_pb2.Marking
+    def __init__(self, image: _Optional[_Union[_common_pb2.EncodedImage, _Mapping]] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ..., faces: _Optional[_Union[FaceDetailingReport, _Mapping]] = ..., marking: _Optional[_Union[_safety_pb2.Marking, _Mapping]] = ...) -> None: ...
 
 class GenerationInfo(_message.Message):
-    __slots__ = ("request_id", "model", "scheduler", "steps", "guidance_scale", "strength", "width", "height", "timings", "total_ms", "cost", "trace_id")
+    __slots__ = ("request_id", "model", "scheduler", "steps", "guidance_scale", "strength", "width", "height", "timings", "total_ms", "cost", "trace_id", "safety")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +211,7 @@ class GenerationInfo(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     scheduler: str
@@ -210,7 +224,32 @@ class GenerationInfo(_message.Message):
     total_ms: float
     cost: _common_pb2.RequestCost
     trace_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., strength: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ..., cost: _Optional[_Union[_common_pb2.RequestCost, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    safety: SafetyReport
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., strength: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., total_ms: _Optional[float] = ..., cost: _Optional[_Union[_common_pb2.RequestCost, _Mapping]] = ..., trace_id: _Optional[str] = ..., safety: _Optional[_Union[SafetyReport, _Mapping]] = ...) -> None: ...
+
+class SafetyReport(_message.Message):
+    __slots__ = ("policy_version", "prompt", "images")
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    policy_version: str
+    prompt: _safety_pb2.SafetyDecision
+    images: _containers.RepeatedCompositeFieldContainer[ImageSafety]
+    def __init__(self, policy_version: _Optional[str] = ..., prompt: _Optional[_Union[_safety_pb2.SafetyDecision, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageSafety, _Mapping]]] = ...) -> None: ...
+
+class ImageSafety(_message.Message):
+    __slots__ = ("index", "decision", "decisions", "returned", "case_id")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    decision: _safety_pb2.SafetyDecision
+    decisions: _containers.RepeatedCompositeFieldContainer[_safety_pb2.SafetyDecision]
+    returned: bool
+    case_id: str
+    def __init__(self, index: _Optional[int] = ..., decision: _Optional[_Union[_safety_pb2.SafetyDecision, _Mapping]] = ..., decisions: _Optional[_Iterable[_Union[_safety_pb2.SafetyDecision, _Mapping]]] = ..., returned: _Optional[bool] = ..., case_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("images", "info")
@@ -235,7 +274,7 @@ class StepProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_ms: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[_common_pb2.EncodedImage, _Mapping]]] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
-    __slots__ = ("index", "seed", "mime_type", "width", "height", "chunk", "offset", "data", "last", "file_size", "faces")
+    __slots__ = ("index", "seed", "mime_type", "width", "height", "chunk", "offset", "data", "last", "file_size", "faces", "marking")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +286,7 @@ class ImageChunk(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
     FACES_FIELD_NUMBER: _ClassVar[int]
+    MARKING_FIELD_NUMBER: _ClassVar[int]
     index: int
     seed: int
     mime_type: str
@@ -258,7 +298,8 @@ class ImageChunk(_message.Message):
     last: bool
     file_size: int
     faces: FaceDetailingReport
-    def __init__(self, index: _Optional[int] = ..., seed: _Optional[int] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., chunk: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., file_size: _Optional[int] = ..., faces: _Optional[_Union[FaceDetailingReport, _Mapping]] = ...) -> None: ...
+    marking: _safety_pb2.Marking
+    def __init__(self, index: _Optional[int] = ..., seed: _Optional[int] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., chunk: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., file_size: _Optional[int] = ..., faces: _Optional[_Union[FaceDetailingReport, _Mapping]] = ..., marking: _Optional[_Union[_safety_pb2.Marking, _Mapping]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("progress", "result", "image")

@@ -44,6 +44,11 @@ class OrchestratorStub:
                 request_serializer=diffmesh_dot_v1_dot_orchestrator__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=diffmesh_dot_v1_dot_orchestrator__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.FetchReviewed = channel.unary_unary(
+                '/diffmesh.v1.Orchestrator/FetchReviewed',
+                request_serializer=diffmesh_dot_v1_dot_orchestrator__pb2.FetchReviewedRequest.SerializeToString,
+                response_deserializer=diffmesh_dot_v1_dot_orchestrator__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -64,6 +69,15 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchReviewed(self, request, context):
+        """The image of a generation held for review (SafetyReport.images[].case_id), once a reviewer
+        approved it: watermarked and signed like any other. NOT_FOUND for an unknown or purged case,
+        FAILED_PRECONDITION while it is pending or after it was rejected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +90,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=diffmesh_dot_v1_dot_orchestrator__pb2.GenerateRequest.FromString,
                     response_serializer=diffmesh_dot_v1_dot_orchestrator__pb2.GenerateEvent.SerializeToString,
+            ),
+            'FetchReviewed': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchReviewed,
+                    request_deserializer=diffmesh_dot_v1_dot_orchestrator__pb2.FetchReviewedRequest.FromString,
+                    response_serializer=diffmesh_dot_v1_dot_orchestrator__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +151,33 @@ class Orchestrator:
             '/diffmesh.v1.Orchestrator/GenerateStream',
             diffmesh_dot_v1_dot_orchestrator__pb2.GenerateRequest.SerializeToString,
             diffmesh_dot_v1_dot_orchestrator__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchReviewed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffmesh.v1.Orchestrator/FetchReviewed',
+            diffmesh_dot_v1_dot_orchestrator__pb2.FetchReviewedRequest.SerializeToString,
+            diffmesh_dot_v1_dot_orchestrator__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -172,12 +172,70 @@ dict root stage
 {{- range $stageName, $_ := .root.Values.stages -}}
 {{- $reserved = concat $reserved (list (printf "%s_address" $stageName) (printf "%s_canary_address" $stageName) (printf "%s_canary_weight" $stageName) (printf "%s_shadow_percent" $stageName)) -}}
 {{- end -}}
-{{- $sources := list (list "settings" $.root.Values.settings) (list "stageDefaults.settings" $.root.Values.stageDefaults.settings) (list "stageDefaults.canary.settings" $.root.Values.stageDefaults.canary.settings) (list (printf "stages.%s.settings" .stage) $s.settings) (list (printf "stages.%s.canary.settings" .stage) $s.canary.settings) -}}
+{{- $sources := list (list "settings" $.root.Values.settings) (list "stageDefaults.settings" $.root.Values.stageDefaults.settings) (list "stageDefaults.canary.settings" $.root.Values.stageDefaults.canary.settings) (list (printf "stages.%s.settings" .stage) $s.settings) (list (printf "stages.%s.canary.settings" .stage) $s.canary.settings) (list (printf "stages.%s.secretSettings" .stage) $s.secretSettings) -}}
 {{- range $pair := $sources -}}
 {{- range $key, $_ := (index $pair 1) -}}
 {{- if has $key $reserved -}}
 {{- fail (printf "%s.%s is set by the chart (use the stage's port, metricsPort, gracePeriodS, canary or registry values)" (index $pair 0) $key) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* a setting the chart renders from other values must not be rendered twice */ -}}
+{{- $owned := dict -}}
+{{- if $s.state.mountPath -}}{{- $_ := set $owned "state_dir" "state.mountPath" -}}{{- end -}}
+{{- if dig "c2pa" "secretName" "" $s -}}
+{{- $_ := set $owned "c2pa_cert_chain" "c2pa.secretName" -}}{{- $_ := set $owned "c2pa_key" "c2pa.secretName" -}}
+{{- end -}}
+{{- range $key, $_ := $s.secretSettings -}}{{- $_ := set $owned $key "secretSettings" -}}{{- end -}}
+{{- range $pair := list (list "settings" $s.settings) (list "canary.settings" $s.canary.settings) (list "settings" $.root.Values.settings) -}}
+{{- range $key, $_ := (index $pair 1) -}}
+{{- with get $owned $key -}}
+{{- fail (printf "stages.%s: %s.%s is also set by stages.%s.%s: set it in one place" $.stage (index $pair 0) $key $.stage .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if gt (len (keys $s.state.volume)) 1 -}}
+{{- fail (printf "stages.%s.state.volume has %d sources (%s): values maps merge, so null the one you replace (e.g. emptyDir: null)" .stage (len (keys $s.state.volume)) (join ", " (keys $s.state.volume | sortAlpha))) -}}
+{{- end -}}
+{{- $chartVolumes := list "tmp" "models" "registry" "tls" "state" "c2pa" -}}
+{{- range $volume := $s.extraVolumes -}}
+{{- if has $volume.name $chartVolumes -}}
+{{- fail (printf "stages.%s.extraVolumes: the volume name %q is the chart's own (%s)" $.stage $volume.name (join ", " $chartVolumes)) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq .stage "safety" -}}{{- include "diffmesh.validateSafety" . -}}{{- end -}}
+{{- end -}}
+
+{{/*
+The safety stage's own rules (dict root stage). Every image it returns is signed (C2PA), so a
+signing chain must be chosen; and its embedded SQLite review queue is one pod's file, so sharing
+the stage between pods needs PostgreSQL. The service refuses both at start-up too; the render
+says so before anything is deployed.
+*/}}
+{{- define "diffmesh.validateSafety" -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
+{{- $variants := list (list "stages.safety" dict) -}}
+{{- if $s.canary.enabled -}}{{- $variants = append $variants (list "stages.safety.canary" $s.canary.settings) -}}{{- end -}}
+{{- range $pair := $variants -}}
+{{- /* the variant's settings as deployment.yaml renders them: global < stage < canary (set, not
+merge: merge would take a canary's `false` for unset) */ -}}
+{{- $settings := dict -}}
+{{- range $source := list $.root.Values.settings $s.settings (index $pair 1) -}}
+{{- range $k, $v := $source -}}{{- $_ := set $settings $k $v -}}{{- end -}}
+{{- end -}}
+{{- $signed := or (dig "c2pa" "secretName" "" $s) (get $settings "c2pa_cert_chain") (eq (toString (get $settings "c2pa_dev_chain")) "true") -}}
+{{- if not $signed -}}
+{{- fail (printf "%s: every returned image is C2PA-signed: set stages.safety.c2pa.secretName to a Secret with the signing chain and key (production), or stages.safety.settings.c2pa_dev_chain: true (a development chain, never in production)" (index $pair 0)) -}}
+{{- end -}}
+{{- end -}}
+{{- $url := toString (default "" (get $s.settings "review_database_url")) -}}
+{{- $shared := or (hasKey $s.secretSettings "review_database_url") (and $url (not (hasPrefix "sqlite" $url))) -}}
+{{- if not $shared -}}
+{{- $many := list -}}
+{{- if $s.autoscaling.enabled -}}{{- $many = append $many "autoscaling.enabled" -}}{{- else if gt (int $s.replicas) 1 -}}{{- $many = append $many (printf "replicas: %d" (int $s.replicas)) -}}{{- end -}}
+{{- if $s.canary.enabled -}}{{- $many = append $many "canary.enabled" -}}{{- end -}}
+{{- if $many -}}
+{{- fail (printf "stages.safety: %s with the embedded SQLite review queue, which is one pod's file: point secretSettings.review_database_url at a PostgreSQL database, or run one replica" (join " and " $many)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,5 @@
+import sys
+
+from services.safety.main import main
+
+sys.exit(main())
