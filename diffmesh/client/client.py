@@ -179,9 +179,8 @@ class MeshClient:
     def fetch_reviewed(self, case_id: str, output_format: int = 0,
                        timeout: float | None = None) -> orchestrator_pb2.GenerateResponse:
         """An approved review case's image (ImageSafety.case_id of an earlier reply), marked and signed."""
-        return self.stub.FetchReviewed(orchestrator_pb2.FetchReviewedRequest(case_id=case_id,
-                                                                              output_format=output_format),
-                                        timeout=timeout)
+        request = orchestrator_pb2.FetchReviewedRequest(case_id=case_id, output_format=output_format)
+        return self.stub.FetchReviewed(request, timeout=timeout)
 
     def close(self) -> None:
         self._channel.close()
