@@ -29,7 +29,7 @@ def write_policy(tmp_path: Path, document: Any, name: str = "x.yaml") -> Path:
 
 def test_default_policy_loads() -> None:
     policy = load_policy(DEFAULT_POLICY_PATH)
-    assert policy.version == "2026.12.1" and policy.minor_age == 18 and policy.minor_category == "sexual_minors"
+    assert policy.version == "2026.12.2" and policy.minor_age == 18 and policy.minor_category == "sexual_minors"
     names = [category.name for category in policy.prompt_categories]
     assert set(REQUIRED_PROMPT_CATEGORIES) <= set(names)
     assert all(8 <= len(category.examples) <= 20 for category in policy.prompt_categories)
@@ -178,8 +178,8 @@ def test_semantic_thresholds_may_be_negative(tmp_path: Path, default_document: d
 
 
 def test_duplicate_yaml_key_is_rejected(tmp_path: Path) -> None:
-    text = DEFAULT_POLICY_PATH.read_text(encoding="utf-8").replace('version: "2026.12.1"',
-                                                                    'version: "2026.12.1"\nversion: "2026.12.2"')
+    text = DEFAULT_POLICY_PATH.read_text(encoding="utf-8").replace('version: "2026.12.2"',
+                                                                    'version: "2026.12.2"\nversion: "2026.12.3"')
     path = tmp_path / "dup.yaml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(PolicyError, match=re.escape(f"{path}: not valid YAML") + r".*duplicate key 'version'"):
