@@ -14,7 +14,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.stats import Row, cpu_pressure, format_table, machine_info
 
@@ -105,6 +105,45 @@ def _extras_rows(extras: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _serving_rows(serving: dict[str, Any]) -> list[Row]:
+    rows = []
+    for concurrency in ("1", "4", "8"):
+        parts = []
+        for mode in ("on", "off"):
+            r = serving[f"batching_{mode}"]["rounds"][concurrency]
+            parts.append(f"{mode} {r['images_per_s']:.2f} img/s (p50 {r['latency']['p50_ms']:.0f} / "
+                         f"p95 {r['latency']['p95_ms']:.0f} ms)")
+        rows.append(Row(f"serving concurrency {concurrency}, batching on / off", "; ".join(parts)))
+    on, off = serving["speedup_vs_concurrency_1"]["on"], serving["speedup_vs_concurrency_1"]["off"]
+    rows.append(Row("serving images/s at concurrency 8 / concurrency 1, batching on",
+                    f"{on['8']:.2f}x (c4 {on['4']:.2f}x; off: c8 {off['8']:.2f}x, c4 {off['4']:.2f}x; "
+                    f"c8 on / off {serving['c8_on_vs_off']:.2f}x)",
+                    f">= {serving['target_speedup_c8_min']:.1f}x", serving["pass_speedup"]))
+    lone_on, lone_off = serving["batching_on"]["lone"], serving["batching_off"]["lone"]
+    rows.append(Row("serving lone request p50, batching on / off",
+                    f"{serving['lone_p50_on_vs_off']:.3f}x ({lone_on['p50_ms']:.0f} / {lone_off['p50_ms']:.0f} ms)",
+                    f"<= {serving['target_lone_ratio_max']:.2f}x", serving["pass_lone"]))
+    rows_per_call = serving["batching_on"].get("denoiser_rows_per_call")
+    if rows_per_call:
+        rows.append(Row("  denoiser UNet rows per call over the run, batching on (mean)",
+                        f"{rows_per_call['mean_rows']:.2f} in {rows_per_call['calls']:.0f} calls"))
+    return rows
+
+
+def _denoiser_load_rows(load: dict[str, Any]) -> list[Row]:
+    w = load["workload"]
+    rows = []
+    for concurrency in ("1", "4", "8"):
+        on, off = (load[f"batching_{mode}"]["rounds"][concurrency] for mode in ("on", "off"))
+        rows.append(Row(f"denoiser in-process ({w['device']}, {w['dtype']}) concurrency {concurrency}, on / off",
+                        f"{on['images_per_s']:.2f} / {off['images_per_s']:.2f} img/s "
+                        f"(p50 {on['latency']['p50_ms']:.0f} / {off['latency']['p50_ms']:.0f} ms)"))
+    rows.append(Row("denoiser in-process c8 / c1 batching on; c8 on / off; lone p50 on / off",
+                    f"{load['speedup_vs_concurrency_1']['on']['8']:.2f}x; {load['c8_on_vs_off']:.2f}x; "
+                    f"{load['lone_p50_on_vs_off']:.3f}x"))
+    return rows
+
+
 def _faces_rows(faces: dict[str, Any]) -> list[Row]:
     rows = []
     for n, f in faces["faces_per_second"].items():
@@ -116,6 +155,18 @@ def _faces_rows(faces: dict[str, Any]) -> list[Row]:
     rows.append(Row(f"face stage Analyze on t1.jpg ({a['faces']} faces, {a['model']}) p50 / p95",
                     f"{a['p50_ms']:.1f} / {a['p95_ms']:.1f} ms (in-process {b['p50_ms']:.1f} ms)"))
     return rows
+
+
+def _one_thread(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs `measure` with one torch thread, as the local mesh runs the denoiser (stage table)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-hops", action="store_true")
     parser.add_argument("--skip-extras", action="store_true", help="skip tracing/previews/per-step ratios")
     parser.add_argument("--skip-faces", action="store_true", help="skip face detailing and analysis")
+    parser.add_argument("--skip-serving", action="store_true", help="skip serving under load (batching on/off)")
+    parser.add_argument("--serving-requests", type=int, default=16, help="requests per concurrency round")
+    parser.add_argument("--skip-denoiser-load", action="store_true",
+                        help="skip the in-process denoiser batching rounds (bench/denoiser_load.py)")
     args = parser.parse_args(argv)
 
     os.chdir(ROOT)  # LocalMesh runs `python -m services.<stage>` from here
@@ -178,26 +233,35 @@ def main(argv: list[str] | None = None) -> int:
             rows += _e2e_rows(result["e2e"])
         except Exception as exc:  # noqa: BLE001
             errors["e2e"] = f"{type(exc).__name__}: {exc}"
+    def part(name: str, message: str, measure: Callable[[], dict[str, Any]],
+             to_rows: Callable[[dict[str, Any]], list[Row]]) -> None:
+        """One more part of the bench: measured, timed and tabled; its failure is reported (and
+        the rest still runs), never raised."""
+        print(message, flush=True)
+        t0 = time.perf_counter()
+        try:
+            result[name] = measure()
+            result[name]["elapsed_s"] = time.perf_counter() - t0
+            rows.extend(to_rows(result[name]))
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = f"{type(exc).__name__}: {exc}"
+
     if not args.skip_extras:
         from bench.extras import run_extras
-        print("tracing on vs off, previews on vs off, denoiser per-step overhead ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            result["extras"] = run_extras(args.models)
-            result["extras"]["elapsed_s"] = time.perf_counter() - t0
-            rows += _extras_rows(result["extras"])
-        except Exception as exc:  # noqa: BLE001
-            errors["extras"] = f"{type(exc).__name__}: {exc}"
+        part("extras", "tracing on vs off, previews on vs off, denoiser per-step overhead ...",
+             lambda: run_extras(args.models), _extras_rows)
     if not args.skip_faces:
         from bench.faces import run_faces
-        print("face detailing: batched vs one face per call, N = 1, 2, 4; face analysis latency ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            result["faces"] = run_faces(args.models)
-            result["faces"]["elapsed_s"] = time.perf_counter() - t0
-            rows += _faces_rows(result["faces"])
-        except Exception as exc:  # noqa: BLE001
-            errors["faces"] = f"{type(exc).__name__}: {exc}"
+        part("faces", "face detailing: batched vs one face per call, N = 1, 2, 4; face analysis latency ...",
+             lambda: run_faces(args.models), _faces_rows)
+    if not args.skip_serving:
+        from bench.serving import run_serving
+        part("serving", "serving under load: concurrency 1, 4, 8 with step-level batching on and off ...",
+             lambda: run_serving(args.models, requests=args.serving_requests), _serving_rows)
+    if not args.skip_denoiser_load:
+        from bench.denoiser_load import run_denoiser_load
+        part("denoiser_load", "denoiser in-process: concurrency 1, 4, 8 with batching on and off ...",
+             lambda: _one_thread(lambda: run_denoiser_load(args.models / "registry.yaml")), _denoiser_load_rows)
     result["errors"] = errors
 
     if "hops" in result and "what_if" in result["hops"]:

@@ -40,10 +40,9 @@ class MeshError(Exception):
     violations: tuple[FieldViolation, ...] = ()
 
 
-class InvalidArgument(MeshError):
-    """The request is malformed. The message always names the field and the rejected value."""
-
-    code = "INVALID_ARGUMENT"
+class FieldError(MeshError):
+    """An error about one request field: the message and the status details name the field and
+    the rejected value."""
 
     def __init__(self, field: str, value: Any, reason: str) -> None:
         self.field = field
@@ -53,6 +52,12 @@ class InvalidArgument(MeshError):
         super().__init__(f"{field}: {reason} (got {describe_value(value)})")
 
 
+class InvalidArgument(FieldError):
+    """The request is malformed. The message always names the field and the rejected value."""
+
+    code = "INVALID_ARGUMENT"
+
+
 class FailedPrecondition(MeshError):
     """The mesh cannot serve this kind of request as deployed (a stage it needs is not configured)."""
 
@@ -60,9 +65,15 @@ class FailedPrecondition(MeshError):
 
 
 class ResourceExhausted(MeshError):
-    """Admission control: the stage is at capacity; the caller should back off and retry."""
+    """Admission control: the stage is at capacity, or the caller is over its rate limit or its
+    concurrency quota; the caller should back off and retry. `retry_after_ms`, when known, is how
+    long to wait first: the server sends it as `grpc-retry-pushback-ms` trailing metadata."""
 
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        self.retry_after_ms = None if retry_after_ms is None else max(int(retry_after_ms), 0)
+        super().__init__(message)
 
 
 class Unavailable(MeshError):
@@ -79,3 +90,17 @@ class NotFound(MeshError):
     """The named thing does not exist (or no longer: a purged review case)."""
 
     code = "NOT_FOUND"
+
+
+class Unauthenticated(MeshError):
+    """The caller is not identified: no credentials where the deployment requires them, an unknown
+    API key or an unknown client certificate. The message never repeats the credential."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(FieldError):
+    """The caller is known but may not do this (a model it is not allowed to use). Names the field
+    and the value, like InvalidArgument, so the status details say what was refused."""
+
+    code = "PERMISSION_DENIED"

@@ -64,6 +64,9 @@ class LocalMesh:
     without: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     extra: list[Instance] = field(default_factory=list)         # started by spawn()
+    # How each process was launched (to start it again on a fresh metrics port) and how often it was.
+    _launches: dict[str, tuple[Instance, tuple[str, ...], bool]] = field(default_factory=dict, repr=False)
+    _rebinds: dict[str, int] = field(default_factory=dict, repr=False)
 
     def instances(self) -> list[Instance]:
         found = []
@@ -141,6 +144,7 @@ class LocalMesh:
         return max(1, host_cpus() // len(sharing))
 
     def _launch(self, instance: Instance, args: Sequence[str], detach: bool) -> None:
+        self._launches[instance.name] = (instance, tuple(args), detach)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{instance.name}.log", "ab") as log:
             self.processes[instance.name] = subprocess.Popen(
@@ -175,6 +179,8 @@ class LocalMesh:
             while True:
                 proc = self.processes[name]
                 if proc.poll() is not None:
+                    if self._moved_metrics_port(name):
+                        continue
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
                 try:
                     wait_for_serving(self.address(name), timeout=1.0)
@@ -182,6 +188,21 @@ class LocalMesh:
                 except TimeoutError:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"{name} not SERVING after {timeout:.0f}s:\n{self.log_tail(name)}")
+
+    def _moved_metrics_port(self, name: str) -> bool:
+        """A free_port() can be taken by someone else before the process binds it (a client's
+        ephemeral port, say). Nobody else knows a metrics port, so it alone is moved and the
+        process started again, a few times at most; a taken gRPC port stays an error."""
+        tail = self.log_tail(name, lines=5)
+        if '"cannot bind"' not in tail or '"setting": "metrics_port"' not in tail or name not in self.metrics_ports:
+            return False
+        if self._rebinds.get(name, 0) >= 3:
+            return False
+        self._rebinds[name] = self._rebinds.get(name, 0) + 1
+        self.metrics_ports[name] = free_port()
+        instance, args, detach = self._launches[name]
+        self._launch(instance, args, detach)
+        return True
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         path = self.log_dir / f"{name}.log"

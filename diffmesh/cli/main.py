@@ -1,14 +1,16 @@
-"""The `diffmesh` command: models, serve, generate, up/down, demo."""
+"""The `diffmesh` command: models, serve, generate, up/down, demo, callers."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from diffmesh.cli.render import PhaseBars, format_faces, format_marking, format_safety, format_timings
+from diffmesh.cli.callers import add_commands as add_callers_commands
+from diffmesh.cli.render import PhaseBars, QueueStatus, format_faces, format_marking, format_safety, format_timings
 from diffmesh.cli.safety import add_commands as add_safety_commands
 from diffmesh.stages import STAGES
 
@@ -56,7 +58,8 @@ def _output_paths(out: Path, count: int) -> list[Path]:
 def _generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from diffmesh.client import IncompleteStream, MeshClient, build_request, collect_stream, field_violations
+    from diffmesh.client import (IncompleteStream, MeshClient, build_request, collect_stream, field_violations,
+                                 retry_pushback_ms)
 
     out = Path(args.out)
     fmt = args.format or (out.suffix.lstrip(".").lower() or "png")
@@ -79,26 +82,34 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"diffmesh generate: {exc}", file=sys.stderr)
         return 2
     bars = PhaseBars(sys.stderr, disable=args.json)
+    queue = QueueStatus(sys.stderr, disable=args.json)
 
     def on_progress(progress) -> None:
+        queue.close()
         bars.update(progress)
         if args.preview_dir:
             _write_previews(Path(args.preview_dir), progress)
 
     try:
-        with MeshClient(args.address) as client:
+        with MeshClient(args.address, api_key=args.api_key or None) as client:
             # The images come as their own (chunked) events; collect_stream reassembles them.
-            result = collect_stream(client.generate_stream(request, timeout=args.timeout), on_progress)
+            result = collect_stream(client.generate_stream(request, timeout=args.timeout), on_progress,
+                                    queue.update)
     except IncompleteStream as exc:
         print(f"diffmesh generate: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
+        queue.close()
         print(f"diffmesh generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        pushback = retry_pushback_ms(exc)
+        if pushback is not None:
+            print(f"  retry after {pushback} ms (grpc-retry-pushback-ms)", file=sys.stderr)
         for violation in field_violations(exc):
             where = f" (stage {violation.stage})" if violation.stage else ""
             print(f"  {violation.field}: {violation.reason} (got {violation.value}){where}", file=sys.stderr)
         return 1
     finally:
+        queue.close()
         bars.close()
     # Named by the image's index (its seed's position): a withheld image leaves its name unused.
     names = _output_paths(out, max([args.count or 1, *(image.index + 1 for image in result.images)]))
@@ -358,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=("png", "jpeg", "webp"), help="default: from --out's extension")
     gen.add_argument("--out", default="out/image.png", help="with --count N: PATH-0.ext, PATH-1.ext, ...")
     gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--api-key", default=os.environ.get("DIFFMESH_API_KEY", ""),
+                     help="API key sent as 'authorization: Bearer <key>' (default: $DIFFMESH_API_KEY, which keeps "
+                          "it out of the process list)")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.add_argument("--json", action="store_true", help="print the response metadata as JSON")
     faces = gen.add_argument_group("faces", "two-stage generation: re-render each face (face detailing), with the "
@@ -413,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--dir", default=str(DEFAULT_MESH_DIR))
 
     add_safety_commands(sub)  # safety, provenance, review: each sets its handler
+    add_callers_commands(sub)  # callers hash-key / new-key / check
 
     demo = sub.add_parser("demo", help="build tiny models, start the mesh, generate, stop (make demo)")
     demo.add_argument("--root", default=str(DEFAULT_MODELS_ROOT))

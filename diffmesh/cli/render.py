@@ -29,6 +29,42 @@ class PhaseBars:
             bar.close()
 
 
+def format_queue_position(place) -> str:
+    """A QueuePosition event as one line."""
+    ahead = place.position - 1
+    who = f"{ahead} request{'s' if ahead != 1 else ''} ahead" if ahead else "next"
+    return f"queued ({place.priority or 'interactive'}): position {place.position} of {place.waiting}, {who}"
+
+
+class QueueStatus:
+    """While a request waits for admission: its queue position, one line per change (redrawn in
+    place on a terminal), closed with a newline before the progress bars start."""
+
+    def __init__(self, file: IO[str], disable: bool = False) -> None:
+        self.file = file
+        self.disable = disable
+        self.last = ""
+        self._open = False
+
+    def update(self, place: Any) -> None:
+        line = format_queue_position(place)
+        self.last = line
+        if self.disable:
+            return
+        if self.file.isatty():
+            self.file.write("\r\x1b[K" + line)
+            self._open = True
+        else:
+            self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self._open:
+            self.file.write("\n")
+            self.file.flush()
+            self._open = False
+
+
 def format_timings(info) -> str:
     lines = [f"{'stage':<22}{'wall ms':>10}{'compute ms':>12}{'queue ms':>10}{'bytes out':>11}{'bytes in':>11}"
              f"  variant  device"]

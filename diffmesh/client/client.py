@@ -2,7 +2,12 @@
 
 GenerateStream sends each image in its own events (chunks of at most a few MiB, so no message
 exceeds the 4 MiB a stock gRPC client accepts) and ends with the info; `collect_stream` turns
-such a stream back into the GenerateResponse unary Generate returns, images reassembled.
+such a stream back into the GenerateResponse unary Generate returns, images reassembled. A
+request that waits for admission first gets queue-position events (on_queue).
+
+Callers identify themselves with an API key (`MeshClient(api_key=...)`: `authorization: Bearer
+<key>` metadata on every call) or an mTLS client certificate (credentials=); `retry_pushback_ms`
+reads the retry hint of a RESOURCE_EXHAUSTED.
 """
 from __future__ import annotations
 
@@ -74,6 +79,22 @@ def _file_bytes(value: bytes | Path) -> bytes:
     return value.read_bytes() if isinstance(value, Path) else value
 
 
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def retry_pushback_ms(error: grpc.RpcError) -> int | None:
+    """How long the server asked the caller to wait before retrying (RESOURCE_EXHAUSTED from
+    admission: a rate limit, a quota, a full queue), in milliseconds; None when it did not say."""
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return int(value.decode() if isinstance(value, bytes) else value)
+            except ValueError:
+                return None
+    return None
+
+
 def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
     """The rejected fields of a failed call (INVALID_ARGUMENT): field, value, reason, and the
     stage behind the orchestrator that rejected it, if one did. Empty for other errors."""
@@ -87,16 +108,21 @@ class IncompleteStream(RuntimeError):
 
 def collect_stream(events: Iterable[orchestrator_pb2.GenerateEvent],
                    on_progress: Callable[[orchestrator_pb2.StepProgress], None] | None = None,
+                   on_queue: Callable[[orchestrator_pb2.QueuePosition], None] | None = None,
                    ) -> orchestrator_pb2.GenerateResponse:
     """The GenerateResponse a stream amounts to: the result's info with the images reassembled
-    from their chunks (in index order). Progress events go to on_progress. Raises
+    from their chunks (in index order). Progress events go to on_progress, queue positions
+    (while the request waits for admission, before any progress) to on_queue. Raises
     IncompleteStream when the stream ends without a result or an image's chunks are missing or out
     of order; a gRPC error of the call propagates as it is."""
     files: dict[int, bytearray] = {}
     done: dict[int, orchestrator_pb2.GeneratedImage] = {}
     for event in events:
         kind = event.WhichOneof("event")
-        if kind == "progress":
+        if kind == "queue_position":
+            if on_queue is not None:
+                on_queue(event.queue_position)
+        elif kind == "progress":
             if on_progress is not None:
                 on_progress(event.progress)
         elif kind == "image":
@@ -156,31 +182,38 @@ def wait_for_serving(address: str, timeout: float = 60.0, service: str = "",
 
 class MeshClient:
     def __init__(self, address: str = "127.0.0.1:50051", max_message_mb: int = 256,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
-        """credentials: grpc.ssl_channel_credentials(...) for a mesh serving (m)TLS."""
+                 credentials: grpc.ChannelCredentials | None = None, api_key: str | None = None) -> None:
+        """credentials: grpc.ssl_channel_credentials(...) for a mesh serving (m)TLS (with a client
+        certificate: the caller's identity there); api_key: sent as `authorization: Bearer <key>`
+        on every call (the orchestrator's callers file lists its hash)."""
+        if api_key and (not api_key.strip() or any(c in api_key for c in "\r\n")):
+            raise ValueError("api_key: must be a single line of text (empty or None: no key)")
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key.strip()}"),) \
+            if api_key else ()
         self._channel = _channel(address, credentials, channel_options(max_message_mb))
         self.stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     def generate(self, request: orchestrator_pb2.GenerateRequest,
                  timeout: float | None = None) -> orchestrator_pb2.GenerateResponse:
-        return self.stub.Generate(request, timeout=timeout)
+        return self.stub.Generate(request, timeout=timeout, metadata=self._metadata)
 
     def generate_stream(self, request: orchestrator_pb2.GenerateRequest,
                         timeout: float | None = None) -> Iterator[orchestrator_pb2.GenerateEvent]:
-        return self.stub.GenerateStream(request, timeout=timeout)
+        return self.stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
 
     def generate_streamed(self, request: orchestrator_pb2.GenerateRequest, timeout: float | None = None,
                           on_progress: Callable[[orchestrator_pb2.StepProgress], None] | None = None,
+                          on_queue: Callable[[orchestrator_pb2.QueuePosition], None] | None = None,
                           ) -> orchestrator_pb2.GenerateResponse:
         """GenerateStream collected into a GenerateResponse (see collect_stream): works for any
         number and size of images, whatever the client's receive limit."""
-        return collect_stream(self.generate_stream(request, timeout=timeout), on_progress)
+        return collect_stream(self.generate_stream(request, timeout=timeout), on_progress, on_queue)
 
     def fetch_reviewed(self, case_id: str, output_format: int = 0,
                        timeout: float | None = None) -> orchestrator_pb2.GenerateResponse:
         """An approved review case's image (ImageSafety.case_id of an earlier reply), marked and signed."""
         request = orchestrator_pb2.FetchReviewedRequest(case_id=case_id, output_format=output_format)
-        return self.stub.FetchReviewed(request, timeout=timeout)
+        return self.stub.FetchReviewed(request, timeout=timeout, metadata=self._metadata)
 
     def close(self) -> None:
         self._channel.close()

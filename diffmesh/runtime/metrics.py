@@ -31,10 +31,11 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 # The codes a service's own requests can end with: OK; those the runtime maps compute errors to
 # (diffmesh.errors: INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, RESOURCE_EXHAUSTED,
-# UNAVAILABLE, CANCELLED); INTERNAL for an unexpected exception; CANCELLED when the caller goes
-# away; DEADLINE_EXCEEDED when its deadline passes. A test checks every diffmesh.errors code is here.
+# UNAVAILABLE, CANCELLED; the orchestrator's caller admission: UNAUTHENTICATED, PERMISSION_DENIED);
+# INTERNAL for an unexpected exception; CANCELLED when the caller goes away; DEADLINE_EXCEEDED when
+# its deadline passes. A test checks every diffmesh.errors code is here.
 SERVER_CODES = ("OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED",
-                "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL")
+                "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNAUTHENTICATED", "PERMISSION_DENIED")
 # An orchestrator's call to a stage can also end with what the client side reports itself:
 # UNKNOWN (a stage answering outside the contract) and UNIMPLEMENTED (a canary of another version).
 STAGE_CALL_CODES = SERVER_CODES + ("UNKNOWN", "UNIMPLEMENTED")
@@ -79,6 +80,47 @@ IMAGES_WITHHELD = Counter("diffmesh_images_withheld", "generated images not retu
 REVIEW_CASES = Gauge("diffmesh_review_cases", "review cases in the queue, by status", ["status"])
 GENERATION_DEVICE_SECONDS = Counter("diffmesh_generation_device_seconds",
                                     "device compute seconds the stages spent on generations (info.cost)", ["model"])
+# step-level batching (a StepBatcher per loaded model: the denoiser's UNets)
+BATCH_ROWS = Histogram("diffmesh_batch_rows", "rows per shared model call (CFG rows count)", ["model"],
+                       buckets=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+BATCH_CALL_REQUESTS = Histogram("diffmesh_batch_call_requests", "requests sharing one model call", ["model"],
+                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+BATCH_JOIN_WAIT = Histogram("diffmesh_batch_join_wait_seconds",
+                            "time an evaluation waited before its model call started (company, other calls)",
+                            ["model"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+BATCH_OCCUPANCY = Gauge("diffmesh_batch_occupancy", "rows of the latest model call / the row budget (max_rows)",
+                        ["model"])
+BATCH_REQUESTS = Gauge("diffmesh_batch_requests", "requests inside the batching engine (mid-loop)", ["model"])
+
+# caller admission (the orchestrator, before any stage: services/orchestrator/callers.py). Labels
+# are caller names from the callers file ("anonymous", "unauthenticated"), never keys.
+CALLER_REQUESTS = Counter("diffmesh_caller_requests", "requests by caller and admission outcome (admitted, "
+                          "unauthenticated, permission_denied, rate_limited, over_quota, queue_full)",
+                          ["caller", "outcome"])
+CALLER_ACTIVE = Gauge("diffmesh_caller_active_requests", "requests a caller has in the orchestrator (waiting or "
+                      "running; its max_concurrency bounds this)", ["caller"])
+ADMISSION_WAITING = Gauge("diffmesh_admission_waiting", "requests waiting for an orchestrator slot, by priority class",
+                          ["priority"])
+ADMISSION_QUEUE_WAIT = Histogram("diffmesh_admission_queue_wait_seconds",
+                                 "time waiting for an orchestrator slot, by priority class", ["priority"],
+                                 buckets=LATENCY_BUCKETS)
+CALLERS_RELOADS = Counter("diffmesh_callers_file_reloads", "callers file loads, by result (ok; error: the "
+                          "configuration in force was kept)", ["result"])
+
+
+def batch_call_observer(model: str):
+    """A StepBatcher's on_call for one model: rows, requests, join waits and occupancy."""
+    rows_metric, requests_metric = BATCH_ROWS.labels(model), BATCH_CALL_REQUESTS.labels(model)
+    wait_metric, occupancy = BATCH_JOIN_WAIT.labels(model), BATCH_OCCUPANCY.labels(model)
+    occupancy.set(0)
+
+    def on_call(rows: int, requests: int, max_rows: int, waits_s: list[float]) -> None:
+        rows_metric.observe(rows)
+        requests_metric.observe(requests)
+        for wait in waits_s:
+            wait_metric.observe(wait)
+        occupancy.set(min(rows / max_rows, 1.0))
+    return on_call
 
 
 def exemplar() -> dict[str, str] | None:

@@ -36,6 +36,8 @@ from diffmesh.proto.v1 import common_pb2
 from diffmesh.stages import STAGES
 from diffmesh import errors
 from diffmesh.runtime import metrics, reflection, telemetry
+from diffmesh.runtime.admission import INTERACTIVE, PriorityGate
+from diffmesh.runtime.batching import SharedCalls
 from diffmesh.runtime.channels import channel_options
 from diffmesh.runtime.config import ConfigError, ServerConfig, load_config
 from diffmesh.runtime.device import configure_threads, keep_freed_memory
@@ -134,11 +136,25 @@ class Usage:
 
     queue_ms: float = 0.0
     compute_ms: float = 0.0
+    batch_wait_ms: float = 0.0
+
+    def share(self, shared: "SharedCalls") -> None:
+        """Charges model calls shared with other requests by this call's share only (once, after
+        its compute finished): compute_ms counted the whole time inside them, and the waits."""
+        self.compute_ms = max(self.compute_ms - shared.blocked_ms + shared.device_ms, 0.0)
+        self.batch_wait_ms += shared.wait_ms
+
+
+def _shutting_down(stage: str) -> errors.MeshError:
+    return errors.Unavailable(f"{stage} is shutting down: not started here; retry on another replica")
 
 
 class Admission:
-    """Bounds concurrent compute and the queue in front of it (RESOURCE_EXHAUSTED beyond),
-    and measures each call's queue wait and compute time.
+    """Bounds concurrent compute and the queue in front of it (RESOURCE_EXHAUSTED beyond, with a
+    retry hint), and measures each call's queue wait and compute time. The queue is a
+    PriorityGate: a call's priority class (the caller's, sent by the orchestrator as
+    `diffmesh-priority`) lets interactive calls overtake batch ones, batch never starved. A
+    draining server sheds the queue (`shed_queues`): UNAVAILABLE at once, retried elsewhere.
 
     Compute runs on a dedicated thread pool so the event loop keeps answering health checks,
     streaming progress and noticing cancellations while a model runs.
@@ -163,33 +179,36 @@ class Admission:
         self.stage = stage
         self.device = "cpu"
         self.variant = "stable"
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self._max_waiting = max_queue
-        self._waiting = 0
+        depth = metrics.QUEUE_DEPTH.labels(stage)
+        self._gate = PriorityGate(stage, max_concurrency, max_queue,
+                                  on_depth=lambda waiting: depth.set(sum(waiting.values())))
         self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="compute")
         metrics.preinitialize_admission(stage, max_concurrency, max_queue)
 
+    @staticmethod
+    def shed_queues(stage: str) -> int:
+        """Every admission queue of the process (the stage's, the orchestrator's callers') answers
+        its waiting calls, and later ones, UNAVAILABLE; calls already running go on. Returns how
+        many were shed. For a draining server: it is the whole process's."""
+        return PriorityGate.shed_all(lambda: _shutting_down(stage))
+
+    def shed_queue(self) -> int:
+        """shed_queues for this Admission's queue alone."""
+        return self._gate.shed(lambda: _shutting_down(self.stage))
+
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Usage]:
-        if self._slots.locked() and self._waiting >= self._max_waiting:
-            raise errors.ResourceExhausted(
-                f"{self.stage} at capacity: {self._waiting} requests already queued (max_queue)")
+    async def slot(self, priority: str = INTERACTIVE) -> AsyncIterator[Usage]:
         usage = Usage()
         start = time.perf_counter()
-        self._waiting += 1
-        metrics.QUEUE_DEPTH.labels(self.stage).set(self._waiting)
+        ticket = self._gate.enter(priority)  # ResourceExhausted (with a retry hint) when the queue is full
         try:
-            with telemetry.tracer().start_as_current_span("queue_wait"):
-                await self._slots.acquire()
-        finally:
-            self._waiting -= 1
-            metrics.QUEUE_DEPTH.labels(self.stage).set(self._waiting)
-        usage.queue_ms = (time.perf_counter() - start) * 1000.0
-        metrics.QUEUE_WAIT.labels(self.stage).observe(usage.queue_ms / 1000.0)
-        try:
+            with telemetry.tracer().start_as_current_span("queue_wait", attributes={"diffmesh.priority": priority}):
+                await ticket.wait()
+            usage.queue_ms = (time.perf_counter() - start) * 1000.0
+            metrics.QUEUE_WAIT.labels(self.stage).observe(usage.queue_ms / 1000.0)
             yield usage
         finally:
-            self._slots.release()
+            ticket.release()
 
     def submit(self, usage: Usage, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
         """Starts fn on the compute pool now, in the caller's trace context; adds its run time to
@@ -210,7 +229,8 @@ class Admission:
         return asyncio.get_running_loop().run_in_executor(self.executor, timed)
 
     def report(self, usage: Usage) -> common_pb2.StageUsage:
-        return common_pb2.StageUsage(compute_ms=usage.compute_ms, queue_ms=usage.queue_ms, device=self.device,
+        return common_pb2.StageUsage(compute_ms=usage.compute_ms, queue_ms=usage.queue_ms,
+                                     batch_wait_ms=usage.batch_wait_ms, device=self.device,
                                      variant=self.variant, instance_id=telemetry.instance_id())
 
 
@@ -322,9 +342,9 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> str:
         if isinstance(exc, errors.MeshError):
             code = getattr(grpc.StatusCode, exc.code)
-            level = logging.WARNING if code == grpc.StatusCode.INVALID_ARGUMENT else logging.ERROR
+            level = logging.WARNING if code in _CALLER_CODES else logging.ERROR
             log_event(log, "request failed", level, method=method, code=exc.code, error=str(exc))
-            await context.abort(code, str(exc), trailing_metadata(exc.code, str(exc), exc.violations))
+            await context.abort(code, str(exc), error_trailers(exc))
         log.exception("unexpected error in %s", method, extra={"fields": {"method": method, "code": "INTERNAL"}})
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
 
@@ -400,6 +420,23 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                     call.bytes_out += item.ByteSize()
                     yield item
         return handle
+
+
+# Codes that say the caller must change something (the request, its credentials): logged as
+# WARNING, the server itself is fine.
+_CALLER_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# gRPC's standard retry hint (A6 retry design): how long the client should wait before retrying.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def error_trailers(exc: errors.MeshError) -> tuple[tuple[str, str | bytes], ...]:
+    """A MeshError's trailing metadata: the structured status details, and for a
+    ResourceExhausted that knows when to come back, grpc-retry-pushback-ms."""
+    trailers: tuple[tuple[str, str | bytes], ...] = trailing_metadata(exc.code, str(exc), exc.violations)
+    retry_after_ms = getattr(exc, "retry_after_ms", None)
+    if retry_after_ms is not None:
+        trailers += ((RETRY_PUSHBACK_KEY, str(int(retry_after_ms))),)
+    return trailers
 
 
 def _port_in_use(host: str, port: int) -> str | None:
@@ -515,7 +552,8 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     log_event(log, "serving", stage=stage.name, port=bound)
 
     await stop.wait()
-    log_event(log, "draining", stage=stage.name, grace_s=config.grace_period_s)
+    log_event(log, "draining", stage=stage.name, grace_s=config.grace_period_s,
+              queued_calls_shed=Admission.shed_queues(stage.name))
     await health_servicer.enter_graceful_shutdown()
     metrics.READY.labels(stage.name).set(0)
     # grpc refuses new calls from here on. Its own deadline (cancelling what is left, which callers

@@ -10,6 +10,8 @@ import torch
 from diffmesh.models.pool import ModelPool
 from diffmesh.models.registry import Kind, ModelEntry, ModelError
 from diffmesh.limits import BatchLimits, ImageSizeLimits, StepLimits, TokenWindowLimits
+from diffmesh.runtime import metrics
+from diffmesh.runtime.batching import BatchPolicy
 from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.stage import ModelStage
@@ -26,6 +28,18 @@ class DenoiserConfig(ImageSizeLimits, StepLimits, BatchLimits, TokenWindowLimits
     port: int = setting(STAGES["denoiser"].default_port, "gRPC port", min=0, max=65535)
     scheduler_override: str = setting("", "serve every request with this scheduler (to canary a scheduler "
                                       "change against stable); empty: the requested one")
+    # Step-level batching: each request's loop runs in its own compute slot, so max_concurrency is
+    # how many requests can be mid-loop (sharing UNet calls) at once; max_batch_rows bounds a call.
+    max_concurrency: int = setting(16, "requests mid-loop at once (with batching they share UNet calls); "
+                                   "more wait in the queue", min=1)
+    batching: bool = setting(True, "continuous step-level batching: concurrent requests share each UNet call")
+    max_batch_rows: int = setting(16, "most rows in one UNet call (CFG's negative rows count); a single "
+                                  "request with more runs alone", min=1)
+    batch_wait_ms: float = setting(2.0, "longest a request's step waits for the others of its bucket to hand "
+                                   "theirs in (0: never; a lone request never waits)", min=0, max=1000)
+
+    def batch_policy(self) -> BatchPolicy:
+        return BatchPolicy(enabled=self.batching, max_rows=self.max_batch_rows, max_wait_ms=self.batch_wait_ms)
 
     def validate(self) -> None:
         from diffmesh.models.schedulers import lookup_scheduler
@@ -57,7 +71,9 @@ class DenoiserStage(ModelStage[DenoiserModel]):
 
     def load_model(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> DenoiserModel:
         if entry.kind is Kind.PIPELINE:
-            model = self._pipelines[entry.id] = UNetDenoiser(entry, device, dtype)
+            config: DenoiserConfig = self.config  # type: ignore[assignment]
+            model = self._pipelines[entry.id] = UNetDenoiser(entry, device, dtype, config.batch_policy(),
+                                                             metrics.batch_call_observer(entry.id))
             return model
         base = self._pipelines.get(entry.base or "")
         if base is None:

@@ -28,6 +28,16 @@ PhotoMaker's own `for i, t in enumerate(timesteps): if i <= start_merge_step`, w
 the whole schedule, so an img2img job that runs the tail of the schedule starts at index
 len(full timesteps) - len(run timesteps). Negative rows never change.
 
+Across requests (continuous, step-level batching): each UNetDenoiser owns a StepBatcher
+(diffmesh.runtime.batching). A `denoise` call's loop hands it one model evaluation per step (its
+rows' latents, per-row timesteps, conditioning and SDXL added conditions); evaluations of other
+concurrent `denoise` calls in the same bucket (`batch_key`: latent size, text length, adapters;
+guided and unguided rows stack fine) go into the same UNet call, so a request that arrives while
+others are mid-loop joins at their next step and one that finishes leaves at once. Everything
+else (scheduler, guidance, masks, previews, generators, cancellation) stays in the request's own
+thread, so requests never share state but the UNet's forward pass. A request whose prediction is
+not finite fails alone (NonFiniteOutput), whatever it was batched with.
+
 Adapters: a job names LoRA adapters attached to this UNet (adapters.py); jobs with different
 adapter sets never share a UNet call (share_key), and calls from different threads with different
 sets never run the UNet at the same time (AdapterSwitch around each UNet call).
@@ -46,12 +56,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffmesh.errors import Cancelled, InvalidArgument
+from diffmesh.errors import Cancelled, InvalidArgument, MeshError
 from diffmesh.models.latent_space import read_vae_scale_factor
 from diffmesh.models.registry import ModelEntry, ModelFamily
 from diffmesh.models.schedulers import SchedulerSpec, build_scheduler
 from diffmesh.models.timesteps import validate_timesteps
-from diffmesh.runtime.batching import group_indices
+from diffmesh.runtime.batching import BatchPolicy, Member, OnCall, SharedCalls, StepBatcher, group_indices
 from services.denoiser.adapters import AdapterSet, AdapterSwitch, adapter_set
 from services.denoiser.masks import ProgressiveMask, check_change_map, latent_change_map
 from services.denoiser.previews import latents_to_rgb, predicted_x0
@@ -61,6 +71,27 @@ from services.denoiser.previews import latents_to_rgb, predicted_x0
 ProgressFn = Callable[[int, int, int, float], None]
 # (job_index, step, total, images): step as on_step's, images [n, h, w, 3] uint8 at latent size.
 PreviewFn = Callable[[int, int, int, np.ndarray], None]
+
+
+class NonFiniteOutput(MeshError):
+    """The UNet's prediction for a request's rows was NaN or infinite (inputs that overflow the
+    model, or a numerically broken model): the request fails instead of returning a NaN image."""
+
+    code = "INTERNAL"
+
+
+@dataclass(frozen=True)
+class UNetInputs:
+    """One model evaluation: the rows a request hands the UNet for one step."""
+
+    sample: torch.Tensor  # [rows, C, h, w], already scale_model_input'ed
+    timesteps: torch.Tensor  # [rows] float32
+    embeds: torch.Tensor  # encoder_hidden_states [rows, seq, D]
+    added: dict[str, torch.Tensor] | None  # SDXL added_cond_kwargs, [rows, ...] each
+
+    @property
+    def rows(self) -> int:
+        return int(self.sample.shape[0])
 
 
 @dataclass
@@ -183,6 +214,13 @@ def share_key(job: DenoiseJob, vae_scale_factor: int) -> tuple[int, int, int, bo
             int(job.conditioning.prompt_embeds.shape[1]), job.guided, job_adapter_set(job))
 
 
+def batch_key(job: DenoiseJob, vae_scale_factor: int) -> tuple[int, int, int, AdapterSet]:
+    """The StepBatcher bucket of a job's rows: evaluations of different requests with equal keys
+    stack into one UNet call (guided or not does not matter at the row level)."""
+    height, width, sequence, _, adapters = share_key(job, vae_scale_factor)
+    return height, width, sequence, adapters
+
+
 def job_adapter_set(job: DenoiseJob) -> AdapterSet:
     """The adapters a job runs with, in their canonical order (check_job rejected repeats)."""
     return tuple(sorted(job.adapters))
@@ -240,7 +278,8 @@ class UNetDenoiser:
     (every job has its own scheduler; the UNet is used read-only under inference_mode, and its
     adapter state changes only through adapter_switch, when no other set is inside the UNet)."""
 
-    def __init__(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype,
+                 batching: BatchPolicy = BatchPolicy(), on_call: OnCall | None = None) -> None:
         self.entry = entry
         self.device = device
         self.dtype = dtype
@@ -257,6 +296,7 @@ class UNetDenoiser:
                            - 6 * int(config.addition_time_embed_dim)) if self.is_sdxl else None
         self._adapters: list[str] = []
         self.adapter_switch = AdapterSwitch(self.unet)
+        self.batcher = StepBatcher(self._call_unet, batching, on_call)
 
     @property
     def adapters(self) -> list[str]:
@@ -379,13 +419,16 @@ class UNetDenoiser:
     # --- the loop ---------------------------------------------------------------------------
     @torch.inference_mode()
     def denoise(self, jobs: Sequence[DenoiseJob | PreparedJob], on_step: ProgressFn | None = None,
-                cancel: threading.Event | None = None, on_preview: PreviewFn | None = None) -> list[torch.Tensor]:
+                cancel: threading.Event | None = None, on_preview: PreviewFn | None = None,
+                priority: str = "interactive", stats: SharedCalls | None = None) -> list[torch.Tensor]:
         """Runs every job to the end; returns each job's latents [n, C, h, w] in the order given.
 
         A DenoiseJob is validated here; a PreparedJob (from check_job) runs as it is. Every job
         is checked before any runs. Jobs that can share UNet calls (share_key) run as one batch;
-        the others as further batches, one after another. `cancel` stops the whole call at the
-        next UNet call (Cancelled)."""
+        the others as further batches, one after another. Each batch's UNet calls go through the
+        model's StepBatcher with `priority` ("interactive" or "batch"), shared with concurrent
+        calls; what they cost is added to `stats`. `cancel` stops the whole call at the next UNet
+        call (Cancelled)."""
         prepared = [self._prepared(item) for item in jobs]
         if len({id(item) for item in prepared}) != len(prepared):
             raise ValueError("the same PreparedJob twice in one call: each job has one scheduler")
@@ -395,7 +438,9 @@ class UNetDenoiser:
         keys = [share_key(item.job, self.vae_scale_factor) for item in prepared]
         for group in group_indices(keys):
             runs = [self._start(index, prepared[index]) for index in group]
-            self._run_batch(runs, on_step, cancel, on_preview)
+            bucket = batch_key(prepared[group[0]].job, self.vae_scale_factor)
+            with self.batcher.join(bucket, priority, stats) as member:
+                self._run_batch(runs, member, on_step, cancel, on_preview)
             for run in runs:
                 results[run.index] = run.latents
         return results  # type: ignore[return-value]  # every index belongs to one group
@@ -431,11 +476,11 @@ class UNetDenoiser:
                 run.switch_to_merged()  # merged from the first call: no switch inside the loop
         return run
 
-    def _run_batch(self, runs: list[_Run], on_step: ProgressFn | None, cancel: threading.Event | None,
-                   on_preview: PreviewFn | None) -> None:
-        """One UNet call per step for all runs still going; a run leaves when its schedule ends."""
+    def _run_batch(self, runs: list[_Run], member: Member, on_step: ProgressFn | None,
+                   cancel: threading.Event | None, on_preview: PreviewFn | None) -> None:
+        """One model evaluation per step for all runs still going (shared with other requests by
+        the StepBatcher); a run leaves when its schedule ends."""
         active = [run for run in runs if not run.done]
-        adapters = job_adapter_set(active[0].job) if active else ()
         embeds, added = self._stack_conditioning(active)
         while active:
             if cancel is not None and cancel.is_set():
@@ -450,17 +495,37 @@ class UNetDenoiser:
             # every integer timestep exactly, and the UNet's sinusoidal embedding is float32 anyway.
             timesteps = torch.cat([run.timestep.reshape(1).to(device=self.device, dtype=torch.float32).expand(count)
                                    for run, count in zip(active, rows)])
-            # Held per call, not per batch: a concurrent call with another adapter set takes turns
-            # step by step instead of waiting for this whole loop.
-            with self.adapter_switch.using(adapters, cancel, lambda: Cancelled(_cancel_message(active))):
-                noise_pred = self.unet(_cat(inputs), timesteps, encoder_hidden_states=embeds,
-                                       added_cond_kwargs=added, return_dict=False)[0]
+            evaluation = UNetInputs(_cat(inputs), timesteps, embeds, added)
+            try:
+                noise_pred = member.evaluate(evaluation, evaluation.rows, cancel,
+                                             lambda: Cancelled(_cancel_message(active)))
+            except Cancelled:  # also from inside a call that waited for its adapter set
+                raise Cancelled(_cancel_message(active)) from None
+            if not bool(torch.isfinite(noise_pred).all()):
+                raise NonFiniteOutput(f"the UNet's prediction went non-finite at step {active[0].position + 1} "
+                                      f"of {active[0].total} (inputs out of the model's range?)")
             for run, model_input, prediction in zip(active, inputs, noise_pred.split(rows)):
                 self._advance(run, model_input, prediction, on_step, on_preview)
             still = [run for run in active if not run.done]
             if len(still) != len(active):
                 active = still
                 embeds, added = self._stack_conditioning(active)
+
+    @torch.inference_mode()
+    def _call_unet(self, key: tuple, items: list[UNetInputs], cancel: threading.Event | None) -> list[torch.Tensor]:
+        """One UNet call over the evaluations of one bucket (the StepBatcher's RunCall): rows
+        stacked in order, the prediction split back per evaluation."""
+        adapters: AdapterSet = key[-1]
+        added = None
+        if items[0].added is not None:
+            added = {name: _cat([item.added[name] for item in items]) for name in items[0].added}
+        # Held per call, not per loop: with batching off, a concurrent loop with another adapter
+        # set takes turns step by step instead of waiting for this whole loop.
+        with self.adapter_switch.using(adapters, cancel, lambda: Cancelled("cancelled by the caller")):
+            prediction = self.unet(_cat([item.sample for item in items]), _cat([item.timesteps for item in items]),
+                                   encoder_hidden_states=_cat([item.embeds for item in items]),
+                                   added_cond_kwargs=added, return_dict=False)[0]
+        return list(prediction.split([item.rows for item in items])) if len(items) > 1 else [prediction]
 
     def _model_input(self, run: _Run) -> torch.Tensor:
         model_input = torch.cat([run.latents] * 2) if run.job.guided else run.latents

@@ -28,6 +28,8 @@ from diffmesh.runtime.logs import elapsed_ms, log_event
 from diffmesh.runtime.server import Admission
 from diffmesh.runtime.telemetry import annotate
 from services.denoiser.masks import change_map_from_grey, change_map_from_mask
+from diffmesh.runtime.admission import PRIORITIES
+from diffmesh.runtime.batching import SharedCalls
 from services.denoiser.sampler import Conditioning, DenoiseJob, JobLimits, UNetDenoiser
 
 _FLOATS = codec.FLOAT_DTYPES
@@ -49,6 +51,17 @@ def _float_tensor(request: denoiser_pb2.DenoiseRequest, name: str) -> torch.Tens
 
 def _optional_tensor(request: denoiser_pb2.DenoiseRequest, name: str) -> torch.Tensor | None:
     return _float_tensor(request, name) if request.HasField(name) else None
+
+
+def request_priority(context: grpc.aio.ServicerContext) -> str:
+    """The caller's priority class, as the orchestrator's caller admission sends it
+    (`diffmesh-priority` metadata); absent: interactive (a direct caller is someone waiting)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "diffmesh-priority":
+            if value not in PRIORITIES:
+                raise InvalidArgument("diffmesh-priority", value, f"must be one of {', '.join(PRIORITIES)}")
+            return value
+    return "interactive"
 
 
 def _generators(request: denoiser_pb2.DenoiseRequest) -> list[torch.Generator]:
@@ -108,6 +121,14 @@ def job_from_request(request: denoiser_pb2.DenoiseRequest, limits: JobLimits = J
     )
 
 
+def batch_attributes(shared: SharedCalls, max_rows: int) -> dict[str, object]:
+    """The sampling span's record of the UNet calls it ran in (one entry per call, in order):
+    attributes, not a span per step."""
+    return {"diffmesh.batch.calls": shared.calls, "diffmesh.batch.rows": list(shared.rows),
+            "diffmesh.batch.requests": list(shared.requests), "diffmesh.batch.max_rows": max_rows,
+            "diffmesh.batch.wait_ms": round(shared.wait_ms, 3), "diffmesh.batch.device_ms": round(shared.device_ms, 3)}
+
+
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, models, admission: Admission, max_steps: int, max_batch: int,
                  scheduler_override: str = "", max_size: int | None = None, max_sequence: int | None = None) -> None:
@@ -125,18 +146,22 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         if self._scheduler_override:
             job.scheduler = lookup_scheduler(self._scheduler_override)
         prepared = model.check_job(job, self._limits)  # reject before queueing, not after the wait
+        priority = request_priority(context)
         attributes = {"diffmesh.model": request.model_id, "diffmesh.scheduler": request.scheduler,
                       "diffmesh.steps": request.steps, "diffmesh.size": f"{request.width}x{request.height}",
                       "diffmesh.batch_size": job.count, "diffmesh.img2img": job.init_latents is not None,
-                      "diffmesh.identity_merge": job.conditioning.merges, "diffmesh.adapters": ",".join(job.adapters)}
+                      "diffmesh.identity_merge": job.conditioning.merges, "diffmesh.adapters": ",".join(job.adapters),
+                      "diffmesh.priority": priority}
         annotate(**attributes)
         metrics.BATCH_SIZE.labels("denoiser").observe(job.count)
-        async with self._admission.slot() as usage:
+        async with self._admission.slot(priority) as usage:
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
             cancel = threading.Event()
             start = time.perf_counter()
             steps_done = metrics.DENOISE_STEPS.labels(request.model_id)
+            shared = SharedCalls()
+            in_batcher = metrics.BATCH_REQUESTS.labels(request.model_id)
 
             def run() -> torch.Tensor:
                 counted, pending = [0], [None]
@@ -162,7 +187,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
                     try:
                         loop_start = time.perf_counter()
-                        [latents] = model.denoise([prepared], on_step, cancel, on_preview)
+                        in_batcher.inc()
+                        try:
+                            [latents] = model.denoise([prepared], on_step, cancel, on_preview, priority, shared)
+                        finally:
+                            in_batcher.dec()
                         rate = counted[0] / max(time.perf_counter() - loop_start, 1e-9)
                         metrics.DENOISE_STEP_RATE.labels(request.model_id).set(rate)
                         return latents
@@ -170,6 +199,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                         log_event(log, "denoise cancelled", model=request.model_id, detail=str(exc))
                         raise
                     finally:
+                        span.set_attributes(batch_attributes(shared, model.batcher.policy.max_rows))
                         loop.call_soon_threadsafe(events.put_nowait, _DONE)
 
             future = self._admission.submit(usage, run)
@@ -182,5 +212,6 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 # is then logged, not returned).
                 cancel.set()
                 future.add_done_callback(_consume)
+            usage.share(shared)
             result = denoiser_pb2.DenoiseResult(latents=codec.from_torch(latents), usage=self._admission.report(usage))
             yield denoiser_pb2.DenoiseEvent(result=result)

@@ -90,15 +90,24 @@ class Deadline:
         return max(self._end - time.monotonic(), 0.001)
 
 
+PRIORITY_KEY = "diffmesh-priority"  # gRPC metadata: the caller's priority class, sent on every stage call
+
+
 @dataclass
 class CallContext:
-    """What every stage call of one request shares: its routing key, deadline and the timings
-    that become the response's cost."""
+    """What every stage call of one request shares: its routing key, deadline, the caller's
+    priority class (sent to every stage as `diffmesh-priority` metadata: the denoiser orders
+    batch rows by it) and the timings that become the response's cost."""
 
     request_id: str
     request_key: str
     deadline: Deadline
     timings: list[common_pb2.StageTiming] = field(default_factory=list)
+    priority: str = "interactive"
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The gRPC metadata every stage call of this request carries."""
+        return ((PRIORITY_KEY, self.priority),)
 
     def cost(self) -> common_pb2.RequestCost:
         return common_pb2.RequestCost(
@@ -107,8 +116,10 @@ class CallContext:
             bytes_moved=sum(t.bytes_sent + t.bytes_received for t in self.timings))
 
 
-# invoke(variant, timeout) -> (response, bytes received)
-Invoke = Callable[[str, float], Awaitable[tuple[Any, int]]]
+# invoke(variant, timeout, metadata) -> (response, bytes received)
+Invoke = Callable[[str, float, tuple[tuple[str, str], ...]], Awaitable[tuple[Any, int]]]
+# Mirrored (shadow) calls are extra work nobody waits for: the stages see them as batch.
+SHADOW_METADATA = ((PRIORITY_KEY, "batch"),)
 
 
 class StageClient:
@@ -133,7 +144,7 @@ class StageClient:
     async def _attempts(self, ctx: CallContext, invoke: Invoke, variant: str) -> tuple[Any, int]:
         for attempt in range(RETRY_ATTEMPTS):
             try:
-                return await invoke(variant, ctx.deadline.remaining())
+                return await invoke(variant, ctx.deadline.remaining(), ctx.metadata())
             except grpc.aio.AioRpcError as exc:
                 backoff = RETRY_BACKOFF_S * 2**attempt
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRY_ATTEMPTS - 1 \
@@ -177,7 +188,7 @@ class StageClient:
             timing = common_pb2.StageTiming(
                 stage=label, wall_ms=elapsed_ms(start), compute_ms=usage.compute_ms, queue_ms=usage.queue_ms,
                 variant=usage.variant or variant, bytes_sent=request.ByteSize(), bytes_received=received,
-                device=usage.device, instance_id=usage.instance_id, phase=phase)
+                device=usage.device, instance_id=usage.instance_id, phase=phase, batch_wait_ms=usage.batch_wait_ms)
             ctx.timings.append(timing)
             span.set_attributes({"diffmesh.variant": timing.variant, "diffmesh.device": timing.device,
                                  "diffmesh.compute_ms": timing.compute_ms, "diffmesh.queue_ms": timing.queue_ms,
@@ -187,13 +198,14 @@ class StageClient:
             canary = mirror or invoke
 
             async def shadow_call() -> Any:
-                return (await canary(CANARY, self.shadow_timeout_s))[0]
+                return (await canary(CANARY, self.shadow_timeout_s, SHADOW_METADATA))[0]
             self.shadow.mirror(label, ctx.request_id, shadow_call, response)
         return response
 
     def _unary_invoke(self, stub_cls: Callable, rpc: str, request: Any) -> Invoke:
-        async def invoke(variant: str, timeout: float) -> tuple[Any, int]:
-            response = await getattr(self.router.stub(self.stage, variant, stub_cls), rpc)(request, timeout=timeout)
+        async def invoke(variant: str, timeout: float, metadata: tuple[tuple[str, str], ...]) -> tuple[Any, int]:
+            response = await getattr(self.router.stub(self.stage, variant, stub_cls), rpc)(
+                request, timeout=timeout, metadata=metadata)
             return response, response.ByteSize()
         return invoke
 
@@ -268,9 +280,9 @@ class SafetyClient(StageClient):
             return self._policy[1]
         request = safety_pb2.DescribePolicyRequest()
 
-        async def invoke(variant: str, timeout: float) -> tuple[Any, int]:
+        async def invoke(variant: str, timeout: float, metadata: tuple[tuple[str, str], ...]) -> tuple[Any, int]:
             stub = self.router.stub(self.stage, variant, safety_pb2_grpc.SafetyServiceStub)
-            response = await stub.DescribePolicy(request, timeout=timeout)
+            response = await stub.DescribePolicy(request, timeout=timeout, metadata=metadata)
             return response, response.ByteSize()
         with telemetry.tracer().start_as_current_span("stage safety.describe_policy",
                                                       attributes={"diffmesh.stage": "safety.describe_policy"}) as span:
@@ -293,9 +305,10 @@ class DenoiserClient(StageClient):
         reported = [0]
 
         def stream(forward: bool) -> Invoke:
-            async def invoke(variant: str, timeout: float) -> tuple[denoiser_pb2.DenoiseResult, int]:
+            async def invoke(variant: str, timeout: float,
+                             metadata: tuple[tuple[str, str], ...]) -> tuple[denoiser_pb2.DenoiseResult, int]:
                 stub = self.router.stub(self.stage, variant, denoiser_pb2_grpc.DenoiserStub)
-                call = stub.Denoise(request, timeout=timeout)
+                call = stub.Denoise(request, timeout=timeout, metadata=metadata)
                 received, result = 0, None
                 try:
                     async for event in call:

@@ -12,7 +12,7 @@ from diffmesh.runtime.config import ConfigError, ServerConfig, setting
 from diffmesh.runtime.server import run_stage
 from diffmesh.runtime.tls import load_tls
 from diffmesh.stages import STAGES, Need, StageTable
-from diffmesh.runtime.server import Admission
+from services.orchestrator.callers import CallersFileError, caller_admission, load_callers_file
 from services.orchestrator.clients import StageClients
 from services.orchestrator.plan import Limits, ModelCatalog
 from services.orchestrator.routing import StageRoute
@@ -32,6 +32,15 @@ class OrchestratorSettings(ImageSizeLimits, StepLimits, BatchLimits, PromptLimit
 
     port: int = setting(STAGES.frontend().default_port, "gRPC port", min=0, max=65535)
     max_concurrency: int = setting(64, "requests in flight at once (more wait in the queue, max_queue)", min=1)
+    callers_file: str = setting(
+        "", "YAML callers file (docs/admission.md): who may call (API key hashes, client certificate subjects or "
+        "SANs), their models, rate limits, concurrency quotas and priority class; re-read when it changes. "
+        "Empty: open (every caller anonymous, interactive, unlimited)")
+    callers_reload_s: float = setting(2.0, "look at the callers file for changes at most this often (on request), "
+                                           "seconds", min=0)
+    batch_every: int = setting(4, "fairness of the admission queue: when interactive and batch requests both wait, "
+                                  "after this many interactive grants in a row the oldest batch request goes next",
+                               min=1)
     default_model: str = setting("", "model used when a request names none (empty: the first registry id)")
     default_scheduler: str = setting("euler", "scheduler used when a request names none")
     default_steps: int = setting(30, "steps when a request sets none", min=1)
@@ -41,6 +50,8 @@ class OrchestratorSettings(ImageSizeLimits, StepLimits, BatchLimits, PromptLimit
     max_init_image_mb: int = setting(32, "largest init_image file accepted, MiB", min=1)
     request_timeout_s: float = setting(600.0, "deadline for requests that carry none", min=1)
     shadow_threshold: float = setting(0.0, "log a shadow divergence above this max absolute difference", min=0)
+    shadow_tolerance: float = setting(0.005, "a shadow output within this share of the stable output's largest "
+                                      "magnitude is 'close' (batch rounding), not 'diverged'", min=0)
     shadow_max_in_flight: int = setting(8, "mirrored calls in flight at once (more are dropped)", min=1)
     max_unary_reply_mb: int = setting(
         4, "largest Generate (unary) reply, MiB: a request whose worst-case reply is larger fails "
@@ -66,6 +77,11 @@ class OrchestratorSettings(ImageSizeLimits, StepLimits, BatchLimits, PromptLimit
         if self.stream_chunk_kb + STREAM_EVENT_OVERHEAD_KB > self.max_message_mb * 1024:
             raise ConfigError(f"stream_chunk_kb: {self.stream_chunk_kb} does not fit in max_message_mb "
                               f"{self.max_message_mb} with its event")
+        if self.callers_file:
+            try:
+                load_callers_file(self.callers_file, require_client_certificates=bool(self.tls_ca_file))
+            except CallersFileError as exc:
+                raise ConfigError(f"callers_file: {exc}") from exc
         for spec in self.TABLE.backends():
             stage = spec.name
             if spec.need is Need.ALWAYS and not getattr(self, f"{stage}_address"):
@@ -148,11 +164,15 @@ class OrchestratorStage:
         # On the server's event loop: the channels belong to it.
         config = self.config
         tls = load_tls(config)  # the orchestrator's own identity is its client identity to the stages
-        shadow = ShadowDiffer(config.shadow_threshold, config.shadow_max_in_flight)
+        shadow = ShadowDiffer(config.shadow_threshold, config.shadow_max_in_flight, config.shadow_tolerance)
         self.clients = StageClients(config.routes(), config.max_message_mb,
                                     tls.channel_credentials() if tls else None, shadow, config.request_timeout_s)
+        admission = caller_admission(self.name, config.max_concurrency, config.max_queue,
+                                     callers_file=config.callers_file, check_interval_s=config.callers_reload_s,
+                                     batch_every=config.batch_every,
+                                     require_client_certificates=bool(config.tls_ca_file), known_models=catalog.ids())
         return OrchestratorServicer(self.clients, catalog, config.limits(), config.request_timeout_s,
-                                    admission=Admission(self.name, config.max_concurrency, config.max_queue),
+                                    admission=admission,
                                     max_unary_reply_bytes=config.max_unary_reply_mb * 1024 * 1024,
                                     stream_chunk_bytes=config.stream_chunk_kb * 1024,
                                     readiness_wait_s=config.readiness_wait_s)

@@ -164,6 +164,12 @@ def _check_prompt(field: str, text: str, limits: Limits, required: bool) -> None
         raise InvalidArgument(field, text, f"longer than {limits.max_prompt_chars} characters")
 
 
+def requested_model(request: orchestrator_pb2.GenerateRequest, limits: Limits, catalog: ModelCatalog) -> str:
+    """The model id a request runs with: its own, else the default model, else the first in the catalog."""
+    ids = catalog.ids()
+    return request.model or limits.default_model or (ids[0] if ids else "")
+
+
 def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, catalog: ModelCatalog,
                  request_id: str) -> GenerationPlan:
     _check_prompt("prompt", request.prompt, limits, required=True)
@@ -180,7 +186,7 @@ def plan_request(request: orchestrator_pb2.GenerateRequest, limits: Limits, cata
     if clip_skip is not None and not 0 <= clip_skip <= MAX_CLIP_SKIP:
         raise InvalidArgument("clip_skip", clip_skip, f"must be in [0, {MAX_CLIP_SKIP}]")
 
-    model_id = request.model or limits.default_model or (catalog.ids()[0] if catalog.ids() else "")
+    model_id = requested_model(request, limits, catalog)
     model = catalog.get(model_id)
     if model is None:
         raise InvalidArgument("model", model_id, f"unknown model; known: {', '.join(catalog.ids())}")

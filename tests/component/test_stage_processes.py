@@ -8,7 +8,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import re
 import sys
+import time
+import urllib.request
 from concurrent import futures
 from pathlib import Path
 from typing import Iterator
@@ -122,3 +125,63 @@ def test_a_taken_port_is_one_error_line_and_exit_code_1(registry, setting, holde
     assert errors[0]["msg"] == "cannot bind" and errors[0]["setting"] == setting and errors[0]["port"] == port
     assert "in use" in errors[0]["error"].lower()
     assert not any(entry["msg"] == "serving" for entry in entries)  # it never came up
+
+
+def _queue_depth(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return float(re.search(r'^diffmesh_queue_depth\{stage="denoiser"\} (\S+)$', text, re.M).group(1))
+
+
+def test_sigterm_answers_queued_calls_unavailable_at_once_and_finishes_the_running_one(registry):
+    metrics_port = free_port()
+    encoder, encoder_address = start("text_encoder", registry, "--models", "tiny-sdxl")
+    denoiser, address = start("denoiser", registry, "--models", "tiny-sdxl", "--grace-period-s", "30",
+                              "--max-concurrency", "1", "--metrics-port", str(metrics_port))
+    try:
+        wait_for_serving(encoder_address, 60)
+        wait_for_serving(address, 60)
+        request = denoise_request(encoder_address, "tiny-sdxl", scheduler="euler", steps=60, guidance_scale=5.0,
+                                  width=128, height=128, seeds=[1])
+        with grpc.insecure_channel(address) as channel, futures.ThreadPoolExecutor(1) as pool:
+            stub = denoiser_pb2_grpc.DenoiserStub(channel)
+            running = stub.Denoise(request, timeout=60)
+            assert next(running).progress.step == 1  # it holds the one compute slot
+            queued = pool.submit(lambda: list(stub.Denoise(request, timeout=60)))
+            deadline = time.monotonic() + 20
+            while _queue_depth(metrics_port) < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            denoiser.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as refused:
+                queued.result(30)
+            shed_at = time.monotonic()
+            rest = list(running)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in refused.value.details()
+        assert rest[-1].HasField("result") and rest[-2].progress.step == 60  # the running call finished
+        assert time.monotonic() - shed_at > 0.05  # the queued call was answered before the running one ended
+        assert denoiser.wait(30) == 0
+        assert '"queued_calls_shed": 1' in denoiser.stdout.read()
+    finally:
+        for proc in (encoder, denoiser):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_the_local_mesh_moves_a_metrics_port_taken_before_the_process_bound_it(registry, tmp_path):
+    from diffmesh.mesh import LocalMesh
+
+    mesh = LocalMesh(registry=registry, workdir=tmp_path, ports={"te": free_port()})
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        mesh.metrics_ports["te"] = taken  # someone else holds it by the time the process binds
+        mesh.spawn("te", "text_encoder", "--models", "tiny-sd15")
+        try:
+            mesh.wait_ready(timeout=90, names=["te"])
+            assert mesh.metrics_ports["te"] != taken
+            assert "diffmesh_ready" in mesh.metrics_text("te")
+            assert '"setting": "metrics_port"' in (mesh.log_dir / "te.log").read_text()  # the first try's error
+        finally:
+            assert mesh.stop(names=["te"]) == {"te": 0}

@@ -83,6 +83,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "canary-denoiser": _ci("canary-denoiser-values.yaml"),
     "cpu-dev": _ci("cpu-dev-values.yaml"),
     "gpu": _ci("gpu-values.yaml"),
+    "tiers": _ci("tiers-values.yaml"),
     "all-stages": ALL_STAGES,
 }
 
@@ -233,9 +234,54 @@ def _validate_service_monitor(doc: dict[str, Any]) -> None:
             assert re.fullmatch(r"[0-9]+(ms|s|m|h)", endpoint[key])
 
 
+# The ScaledObject fields of KEDA's CRD (keda.sh/v1alpha1, config/crd/bases/keda.sh_scaledobjects.yaml).
+SCALED_OBJECT_SPEC = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+                      "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers"}
+SCALED_OBJECT_TRIGGER = {"type", "name", "metadata", "metricType", "authenticationRef", "useCachedMetrics"}
+
+
+def _validate_scaled_object(doc: dict[str, Any]) -> None:
+    """kubernetes-validate has no schemas for CRDs: check the ScaledObject against KEDA's CRD
+    ourselves, and its HPA behavior against the autoscaling/v2 schema (KEDA copies it into the HPA
+    it creates)."""
+    assert doc["apiVersion"] == "keda.sh/v1alpha1"
+    assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(doc["metadata"]) <= {"name", "namespace", "labels", "annotations"}
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+    assert all(isinstance(v, str) for v in doc["metadata"].get("labels", {}).values())
+    spec = doc["spec"]
+    assert set(spec) <= SCALED_OBJECT_SPEC and {"scaleTargetRef", "triggers"} <= set(spec), set(spec)
+    assert set(spec["scaleTargetRef"]) <= {"apiVersion", "kind", "name", "envSourceContainerName"}
+    assert isinstance(spec["scaleTargetRef"]["name"], str)
+    for key in ("pollingInterval", "minReplicaCount", "maxReplicaCount", "cooldownPeriod"):
+        if key in spec:
+            assert isinstance(spec[key], int) and not isinstance(spec[key], bool) and spec[key] >= 0, key
+    assert spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert set(spec.get("advanced", {})) <= {"horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount",
+                                             "scalingModifiers"}
+    hpa_config = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
+    assert set(hpa_config) <= {"name", "behavior"}
+    if "behavior" in hpa_config:
+        probe = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "probe"},
+                 "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x"},
+                          "maxReplicas": 2, "behavior": hpa_config["behavior"]}}
+        kubernetes_validate.validate(probe, KUBE_VERSION, strict=True)
+    assert spec["triggers"]
+    names = [trigger["name"] for trigger in spec["triggers"] if "name" in trigger]
+    assert len(names) == len(set(names)), f"trigger names must be unique: {names}"
+    for trigger in spec["triggers"]:
+        assert set(trigger) <= SCALED_OBJECT_TRIGGER and {"type", "metadata"} <= set(trigger), set(trigger)
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["metadata"]
+        assert trigger.get("metricType", "AverageValue") in ("AverageValue", "Value", "Utilization")
+        if "authenticationRef" in trigger:
+            assert set(trigger["authenticationRef"]) <= {"name", "kind"} and trigger["authenticationRef"]["name"]
+
+
 def _validate(doc: dict[str, Any]) -> None:
     if doc["kind"] == "ServiceMonitor":
         _validate_service_monitor(doc)
+    elif doc["kind"] == "ScaledObject":
+        _validate_scaled_object(doc)
     else:
         # SchemaNotFoundError (an API removed in 1.33, a typo in apiVersion) fails the test too.
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -414,7 +460,10 @@ def test_stage_defaults_apply_under_every_stage(chart: Any, helm_config: Any) ->
         own = defaults["stages"][stage]
         expected_startup = own.get("startupSeconds", 900)
         assert deployment["spec"]["progressDeadlineSeconds"] == expected_startup + 600, stage
-    for hpa in rendered.of_kind("HorizontalPodAutoscaler"):
+    cpu_hpas = [hpa for hpa in rendered.of_kind("HorizontalPodAutoscaler")
+                if hpa["metadata"]["annotations"]["diffmesh.io/autoscaling-mode"] == "cpu"]
+    assert cpu_hpas, "the CPU stages scale on CPU by default"
+    for hpa in cpu_hpas:
         assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 55
 
 
@@ -527,21 +576,35 @@ def test_text_encoder_on_cpu_denoiser_on_gpu_by_default(renders: dict[str, Rende
     assert te["containers"][0]["image"] == "ghcr.io/diffmesh/diffmesh:0.1.0-cpu"
 
 
+def expected_mode(rendered: Rendered, stage: str) -> str:
+    """The autoscaling mode a stage runs: its own, where auto is the GPU or CPU stages' mode."""
+    mode = rendered.stage(stage)["autoscaling"]["mode"]
+    if mode == "auto":
+        mode = rendered.merged["autoscaling"]["gpuStageMode" if rendered.stage(stage)["gpu"] else "cpuStageMode"]
+    return mode
+
+
 def test_an_hpa_and_a_pdb_per_stage(rendered: Rendered) -> None:
     hpas = rendered.named("HorizontalPodAutoscaler")
+    scaled_objects = rendered.named("ScaledObject")
     pdbs = rendered.named("PodDisruptionBudget")
     deployments = rendered.named("Deployment")
-    expected_hpas = set()
+    expected_hpas, expected_scaled_objects = set(), set()
     for name, (stage, variant) in rendered.expected_deployments().items():
         scaling = rendered.stage(stage)["autoscaling"] if variant == "stable" \
             else rendered.stage(stage)["canary"]["autoscaling"]
         if scaling["enabled"]:
-            expected_hpas.add(name)
+            # One autoscaler per Deployment: KEDA's (it creates the HPA itself) or the chart's HPA.
+            (expected_scaled_objects if expected_mode(rendered, stage) == "keda" else expected_hpas).add(name)
             assert "replicas" not in deployments[name]["spec"], "the HPA owns the replica count"
         else:
             values = rendered.stage(stage) if variant == "stable" else rendered.stage(stage)["canary"]
             assert deployments[name]["spec"]["replicas"] == values["replicas"]
     assert set(hpas) == expected_hpas
+    assert set(scaled_objects) == expected_scaled_objects
+    assert not set(hpas) & set(scaled_objects)
+    for name, scaled in scaled_objects.items():
+        assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
     for name, hpa in hpas.items():
         assert hpa["apiVersion"] == "autoscaling/v2"
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
@@ -761,13 +824,20 @@ def test_network_policy_only_orchestrator_reaches_stage_grpc(rendered: Rendered)
 
 
 def test_topology_spread_selects_its_own_pods(rendered: Rendered) -> None:
-    enabled = rendered.merged["topologySpread"]["enabled"]
-    for _, _, deployment, _ in rendered.deployments():
+    """The release-wide constraints (with topologySpread.enabled), then the pool's, then the
+    stage's, each selecting the Deployment's own pods."""
+    merged = rendered.merged
+    for stage, _, deployment, _ in rendered.deployments():
         template = deployment["spec"]["template"]
         constraints = template["spec"].get("topologySpreadConstraints", [])
-        assert bool(constraints) == enabled
+        pool = merged["gpuPool" if rendered.stage(stage)["gpu"] else "cpuPool"]
+        expected = ((merged["topologySpread"]["constraints"] if merged["topologySpread"]["enabled"] else [])
+                    + pool["topologySpreadConstraints"] + rendered.stage(stage)["topologySpreadConstraints"])
+        assert [{k: v for k, v in c.items() if k not in ("labelSelector", "matchLabelKeys")}
+                for c in constraints] == expected, stage
         for constraint in constraints:
             assert constraint["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+            assert constraint["matchLabelKeys"] == ["pod-template-hash"]
 
 
 def test_observability_and_tls_from_values(renders: dict[str, Rendered]) -> None:

@@ -139,7 +139,7 @@ def wait_for_comparisons(procs, name: str, minimum: int) -> str:
     while time.monotonic() < deadline:
         text = procs.metrics(name)
         done = sum(metric(text, "diffmesh_shadow_comparisons_total", stage="denoiser", outcome=o)
-                   for o in ("equal", "diverged", "error"))
+                   for o in ("equal", "close", "diverged", "error"))
         if done >= minimum:
             return text
         time.sleep(0.2)
@@ -148,7 +148,9 @@ def wait_for_comparisons(procs, name: str, minimum: int) -> str:
 
 def test_shadow_of_an_identical_canary_shows_zero_divergence(procs, canary_run):
     text = wait_for_comparisons(procs, "orch-a", 10)
-    assert metric(text, "diffmesh_shadow_comparisons_total", stage="denoiser", outcome="equal") >= 10
+    # Bit for bit, or within batch rounding where the stable denoiser shared a UNet call.
+    assert sum(metric(text, "diffmesh_shadow_comparisons_total", stage="denoiser", outcome=o)
+               for o in ("equal", "close")) >= 10
     assert metric(text, "diffmesh_shadow_comparisons_total", stage="denoiser", outcome="diverged") == 0
     assert metric(text, "diffmesh_shadow_comparisons_total", stage="denoiser", outcome="error") == 0
 

@@ -287,6 +287,14 @@ class _OneModel:
         return self._model
 
 
+class _Context:
+    """The one thing the servicer reads from its grpc context: the call's metadata (none here)."""
+
+    @staticmethod
+    def invocation_metadata() -> tuple:
+        return ()
+
+
 def test_servicer_sends_per_image_conditioning_and_builds_one_scheduler(sd15_f32, scheduler_builds):
     sd15 = sd15_f32  # the wire carries float32 conditioning
     cond = conditioning(sd15, 61, rows=2)
@@ -298,7 +306,7 @@ def test_servicer_sends_per_image_conditioning_and_builds_one_scheduler(sd15_f32
     servicer = DenoiserServicer(_OneModel(sd15), admission, max_steps=10, max_batch=4)
 
     async def call() -> list[denoiser_pb2.DenoiseEvent]:
-        return [event async for event in servicer.Denoise(request, None)]
+        return [event async for event in servicer.Denoise(request, _Context())]
 
     try:
         events = asyncio.run(call())

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iffmesh/v1/common.proto\x12\x0b\x64iffmesh.v1\"N\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\"h\n\nStageUsage\x12\x12\n\ncompute_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\"\xc4\x01\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07wall_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\nbytes_sent\x18\x06 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\r\n\x05phase\x18\n \x01(\t\"Q\n\x0bRequestCost\x12\x16\n\x0e\x64\x65vice_seconds\x18\x01 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x13\n\x0b\x62ytes_moved\x18\x03 \x01(\x03*H\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03PNG\x10\x01\x12\x08\n\x04JPEG\x10\x02\x12\x08\n\x04WEBP\x10\x03\x42<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iffmesh/v1/common.proto\x12\x0b\x64iffmesh.v1\"N\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\"\x7f\n\nStageUsage\x12\x12\n\ncompute_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x15\n\rbatch_wait_ms\x18\x06 \x01(\x01\"\xdb\x01\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07wall_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\nbytes_sent\x18\x06 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\r\n\x05phase\x18\n \x01(\t\x12\x15\n\rbatch_wait_ms\x18\x0b \x01(\x01\"Q\n\x0bRequestCost\x12\x16\n\x0e\x64\x65vice_seconds\x18\x01 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x13\n\x0b\x62ytes_moved\x18\x03 \x01(\x03*H\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03PNG\x10\x01\x12\x08\n\x04JPEG\x10\x02\x12\x08\n\x04WEBP\x10\x03\x42<Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +32,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffmesh.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z:github.com/diffmesh/diffmesh/gen/go/diffmesh/v1;diffmeshv1'
-  _globals['_IMAGEFORMAT']._serialized_start=509
-  _globals['_IMAGEFORMAT']._serialized_end=581
+  _globals['_IMAGEFORMAT']._serialized_start=555
+  _globals['_IMAGEFORMAT']._serialized_end=627
   _globals['_ENCODEDIMAGE']._serialized_start=41
   _globals['_ENCODEDIMAGE']._serialized_end=119
   _globals['_STAGEUSAGE']._serialized_start=121
-  _globals['_STAGEUSAGE']._serialized_end=225
-  _globals['_STAGETIMING']._serialized_start=228
-  _globals['_STAGETIMING']._serialized_end=424
-  _globals['_REQUESTCOST']._serialized_start=426
-  _globals['_REQUESTCOST']._serialized_end=507
+  _globals['_STAGEUSAGE']._serialized_end=248
+  _globals['_STAGETIMING']._serialized_start=251
+  _globals['_STAGETIMING']._serialized_end=470
+  _globals['_REQUESTCOST']._serialized_start=472
+  _globals['_REQUESTCOST']._serialized_end=553
 # @@protoc_insertion_point(module_scope)

@@ -29,21 +29,23 @@ class EncodedImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class StageUsage(_message.Message):
-    __slots__ = ("compute_ms", "queue_ms", "device", "variant", "instance_id")
+    __slots__ = ("compute_ms", "queue_ms", "device", "variant", "instance_id", "batch_wait_ms")
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     compute_ms: float
     queue_ms: float
     device: str
     variant: str
     instance_id: str
-    def __init__(self, compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., device: _Optional[str] = ..., variant: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    batch_wait_ms: float
+    def __init__(self, compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., device: _Optional[str] = ..., variant: _Optional[str] = ..., instance_id: _Optional[str] = ..., batch_wait_ms: _Optional[float] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "wall_ms", "compute_ms", "variant", "queue_ms", "bytes_sent", "bytes_received", "device", "instance_id", "phase")
+    __slots__ = ("stage", "wall_ms", "compute_ms", "variant", "queue_ms", "bytes_sent", "bytes_received", "device", "instance_id", "phase", "batch_wait_ms")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +56,7 @@ class StageTiming(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     stage: str
     wall_ms: float
     compute_ms: float
@@ -64,7 +67,8 @@ class StageTiming(_message.Message):
     device: str
     instance_id: str
     phase: str
-    def __init__(self, stage: _Optional[str] = ..., wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., variant: _Optional[str] = ..., queue_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., device: _Optional[str] = ..., instance_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...
+    batch_wait_ms: float
+    def __init__(self, stage: _Optional[str] = ..., wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., variant: _Optional[str] = ..., queue_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., device: _Optional[str] = ..., instance_id: _Optional[str] = ..., phase: _Optional[str] = ..., batch_wait_ms: _Optional[float] = ...) -> None: ...
 
 class RequestCost(_message.Message):
     __slots__ = ("device_seconds", "queue_seconds", "bytes_moved")

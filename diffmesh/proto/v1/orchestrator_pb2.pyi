@@ -301,12 +301,24 @@ class ImageChunk(_message.Message):
     marking: _safety_pb2.Marking
     def __init__(self, index: _Optional[int] = ..., seed: _Optional[int] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., chunk: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., file_size: _Optional[int] = ..., faces: _Optional[_Union[FaceDetailingReport, _Mapping]] = ..., marking: _Optional[_Union[_safety_pb2.Marking, _Mapping]] = ...) -> None: ...
 
+class QueuePosition(_message.Message):
+    __slots__ = ("position", "waiting", "priority")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    waiting: int
+    priority: str
+    def __init__(self, position: _Optional[int] = ..., waiting: _Optional[int] = ..., priority: _Optional[str] = ...) -> None: ...
+
 class GenerateEvent(_message.Message):
-    __slots__ = ("progress", "result", "image")
+    __slots__ = ("progress", "result", "image", "queue_position")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     progress: StepProgress
     result: GenerateResponse
     image: ImageChunk
-    def __init__(self, progress: _Optional[_Union[StepProgress, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ..., image: _Optional[_Union[ImageChunk, _Mapping]] = ...) -> None: ...
+    queue_position: QueuePosition
+    def __init__(self, progress: _Optional[_Union[StepProgress, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ..., image: _Optional[_Union[ImageChunk, _Mapping]] = ..., queue_position: _Optional[_Union[QueuePosition, _Mapping]] = ...) -> None: ...

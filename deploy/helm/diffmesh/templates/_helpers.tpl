@@ -152,9 +152,11 @@ dict root stage
 {{- define "diffmesh.validateStage" -}}
 {{- $s := include "diffmesh.stageValues" . | fromJson -}}
 {{- $drain := addf (float64 $s.gracePeriodS) (float64 .root.Values.preStopSleepSeconds) -}}
-{{- if le (float64 $s.terminationGracePeriodSeconds) $drain -}}
-{{- fail (printf "stages.%s.terminationGracePeriodSeconds (%v) must be longer than gracePeriodS (%v) + preStopSleepSeconds (%v): the kubelet would SIGKILL the stage mid-drain" .stage $s.terminationGracePeriodSeconds $s.gracePeriodS .root.Values.preStopSleepSeconds) -}}
+{{- $termination := include "diffmesh.terminationGrace" . -}}
+{{- if le (float64 $termination) $drain -}}
+{{- fail (printf "stages.%s.terminationGracePeriodSeconds (%v) must be longer than gracePeriodS (%v) + preStopSleepSeconds (%v): the kubelet would SIGKILL the stage mid-drain (0 derives it: gracePeriodS + preStopSleepSeconds + 10)" .stage $termination $s.gracePeriodS .root.Values.preStopSleepSeconds) -}}
 {{- end -}}
+{{- include "diffmesh.validateAutoscaling" . -}}
 {{- if lt (float64 $s.gracePeriodS) 0.0 -}}{{- fail (printf "stages.%s.gracePeriodS must be >= 0" .stage) -}}{{- end -}}
 {{- if and .root.Values.tls.secretName (le (int $s.probePort) 0) -}}
 {{- fail (printf "stages.%s.probePort must be set when tls.secretName is: the kubelet's gRPC probes (and the helm test pod) speak plaintext, which an mTLS gRPC port refuses; probePort is the plaintext health-only port (DIFFMESH_HEALTH_PORT)" .stage) -}}
@@ -187,6 +189,12 @@ dict root stage
 {{- $_ := set $owned "c2pa_cert_chain" "c2pa.secretName" -}}{{- $_ := set $owned "c2pa_key" "c2pa.secretName" -}}
 {{- end -}}
 {{- range $key, $_ := $s.secretSettings -}}{{- $_ := set $owned $key "secretSettings" -}}{{- end -}}
+{{- include "diffmesh.validateCallers" . -}}
+{{- if dig "callers" "secretName" "" $s -}}
+{{- $_ := set $owned "callers_file" "callers.secretName" -}}
+{{- if hasKey $s.callers "reloadSeconds" -}}{{- $_ := set $owned "callers_reload_s" "callers.reloadSeconds" -}}{{- end -}}
+{{- if hasKey $s.callers "batchEvery" -}}{{- $_ := set $owned "batch_every" "callers.batchEvery" -}}{{- end -}}
+{{- end -}}
 {{- range $pair := list (list "settings" $s.settings) (list "canary.settings" $s.canary.settings) (list "settings" $.root.Values.settings) -}}
 {{- range $key, $_ := (index $pair 1) -}}
 {{- with get $owned $key -}}
@@ -197,7 +205,7 @@ dict root stage
 {{- if gt (len (keys $s.state.volume)) 1 -}}
 {{- fail (printf "stages.%s.state.volume has %d sources (%s): values maps merge, so null the one you replace (e.g. emptyDir: null)" .stage (len (keys $s.state.volume)) (join ", " (keys $s.state.volume | sortAlpha))) -}}
 {{- end -}}
-{{- $chartVolumes := list "tmp" "models" "registry" "tls" "state" "c2pa" -}}
+{{- $chartVolumes := list "tmp" "models" "registry" "tls" "state" "c2pa" "callers" -}}
 {{- range $volume := $s.extraVolumes -}}
 {{- if has $volume.name $chartVolumes -}}
 {{- fail (printf "stages.%s.extraVolumes: the volume name %q is the chart's own (%s)" $.stage $volume.name (join ", " $chartVolumes)) -}}
@@ -240,6 +248,31 @@ merge: merge would take a canary's `false` for unset) */ -}}
 {{- end -}}
 {{- end -}}
 
+{{/*
+Caller admission (stages.<stage>.callers) is the frontend's: it admits every request once, before
+any stage works. reloadSeconds and batchEvery tune the callers file's admission, so they need one.
+dict root stage
+*/}}
+{{- define "diffmesh.validateCallers" -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
+{{- $callers := default dict $s.callers -}}
+{{- $given := list -}}
+{{- range $key := list "secretName" "reloadSeconds" "batchEvery" -}}
+{{- if and (hasKey $callers $key) (ne (toString (get $callers $key)) "") -}}{{- $given = append $given $key -}}{{- end -}}
+{{- end -}}
+{{- if and $given (ne $s.role "frontend") -}}
+{{- fail (printf "stages.%s.callers (%s): caller admission is the frontend's (the stage with role: frontend), not a backend's" .stage (join ", " $given)) -}}
+{{- end -}}
+{{- if and (not (get $callers "secretName")) (or (hasKey $callers "reloadSeconds") (hasKey $callers "batchEvery")) -}}
+{{- fail (printf "stages.%s.callers: reloadSeconds and batchEvery apply to a callers file, but callers.secretName is empty (admission is open): set secretName, or drop them" .stage) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The directory the frontend's callers Secret is mounted at (stages.<frontend>.callers). */}}
+{{- define "diffmesh.callersMount" -}}
+/etc/diffmesh/callers
+{{- end -}}
+
 {{/* The registry file path inside the containers. */}}
 {{- define "diffmesh.registryPath" -}}
 {{- if eq .Values.registry.source "volume" -}}
@@ -279,4 +312,132 @@ merge: merge would take a canary's `false` for unset) */ -}}
 app.kubernetes.io/name: {{ include "diffmesh.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: test
+{{- end -}}
+
+{{/*
+A stage's terminationGracePeriodSeconds: its own value, or with 0 the drain (gracePeriodS rounded
+up) + preStopSleepSeconds + 10 s for the abandoned calls' UNAVAILABLE replies and the exit.
+dict root stage -> an integer
+*/}}
+{{- define "diffmesh.terminationGrace" -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
+{{- if gt (int $s.terminationGracePeriodSeconds) 0 -}}
+{{- int $s.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add (int (ceil (float64 $s.gracePeriodS))) (int .root.Values.preStopSleepSeconds) 10 -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The autoscaling mode a stage runs: its `autoscaling.mode`, where `auto` is autoscaling.gpuStageMode
+on GPU stages and autoscaling.cpuStageMode on the others. dict root stage -> cpu|hpa-pods|keda
+*/}}
+{{- define "diffmesh.autoscalingMode" -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
+{{- $mode := $s.autoscaling.mode -}}
+{{- if eq $mode "auto" -}}
+{{- $mode = ternary .root.Values.autoscaling.gpuStageMode .root.Values.autoscaling.cpuStageMode $s.gpu -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+
+{{/*
+Requests in flight per replica the queue-aware modes aim at: autoscaling.targetInFlight, or with 0
+the variant's compute slots: max_concurrency as its container gets it (global settings < stage
+settings < canary settings), else the services' default, 1. dict root stage variant -> a number
+*/}}
+{{- define "diffmesh.targetInFlight" -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
+{{- if gt (float64 $s.autoscaling.targetInFlight) 0.0 -}}
+{{- include "diffmesh.settingValue" $s.autoscaling.targetInFlight -}}
+{{- else -}}
+{{- $slots := 1 -}}
+{{- $sources := list .root.Values.settings $s.settings -}}
+{{- if eq .variant "canary" -}}{{- $sources = append $sources $s.canary.settings -}}{{- end -}}
+{{- range $source := $sources -}}
+{{- if hasKey $source "max_concurrency" -}}{{- $slots = get $source "max_concurrency" -}}{{- end -}}
+{{- end -}}
+{{- include "diffmesh.settingValue" $slots -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The HPA behavior of a stage (an HPA's spec.behavior, a ScaledObject's
+advanced.horizontalPodAutoscalerConfig.behavior), as JSON: by default scale-down removes at most
+max(1 pod, 25%) per terminationGracePeriodSeconds (at most 1800, the API's limit), after a 300 s
+stabilization window, so that one batch of pods has drained (or been killed) before the next one
+goes; scale-up keeps Kubernetes' default. `autoscaling.behavior` merges over it (maps key by key,
+lists replace). dict root stage
+*/}}
+{{- define "diffmesh.scaleBehavior" -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
+{{- $period := min 1800 (int (include "diffmesh.terminationGrace" .)) -}}
+{{- $default := dict "scaleDown" (dict "stabilizationWindowSeconds" 300 "selectPolicy" "Max" "policies" (list (dict "type" "Pods" "value" 1 "periodSeconds" $period) (dict "type" "Percent" "value" 25 "periodSeconds" $period))) -}}
+{{- toJson (mergeOverwrite $default (deepCopy (default dict $s.autoscaling.behavior))) -}}
+{{- end -}}
+
+{{/*
+PromQL label matchers selecting one Deployment's series as the chart's ServiceMonitor scrapes them:
+the release namespace and job "<Service name>" (= the Deployment's name), plus
+autoscaling.prometheus.matchers. dict root stage variant
+*/}}
+{{- define "diffmesh.promSelector" -}}
+{{- $matchers := list (printf "namespace=%q" .root.Release.Namespace) (printf "job=%q" (include "diffmesh.resourceName" .)) -}}
+{{- range $k, $v := .root.Values.autoscaling.prometheus.matchers -}}
+{{- $matchers = append $matchers (printf "%s=%q" $k (toString $v)) -}}
+{{- end -}}
+{{- join ", " $matchers -}}
+{{- end -}}
+
+{{/*
+The KEDA prometheus triggers' queries for one Deployment, as JSON {inFlight, queueDepth}: the
+total over its ready pods (diffmesh_ready 1: draining pods, whose calls finish where they are, and
+pods still loading are left out), averaged over autoscaling.prometheus.window. KEDA's AverageValue
+metric type divides the total by the replica count: the threshold is per replica.
+dict root stage variant
+*/}}
+{{- define "diffmesh.loadQueries" -}}
+{{- $sel := include "diffmesh.promSelector" . -}}
+{{- $window := .root.Values.autoscaling.prometheus.window -}}
+{{- $ready := printf "(diffmesh_ready{%s} == 1)" $sel -}}
+{{- $inFlight := printf "sum(avg_over_time(diffmesh_grpc_in_flight_requests{%s}[%s]) and on (namespace, pod) %s) or vector(0)" $sel $window $ready -}}
+{{- $queue := printf "sum(avg_over_time(diffmesh_queue_depth{%s}[%s]) and on (namespace, pod) %s) or vector(0)" $sel $window $ready -}}
+{{- toJson (dict "inFlight" $inFlight "queueDepth" $queue) -}}
+{{- end -}}
+
+{{/*
+prometheus-adapter rules (its config.yaml) serving the hpa-pods metrics per pod: the in-flight
+requests (summed over methods) and the queue depth, each averaged over autoscaling.prometheus.window,
+under the names autoscaling.prometheusAdapter.*Metric (not the raw series' names, which the
+adapter's default rules may already serve unsmoothed). Root context -> YAML
+*/}}
+{{- define "diffmesh.adapterRules" -}}
+{{- $window := .Values.autoscaling.prometheus.window -}}
+{{- $rules := list -}}
+{{- range $pair := list (list "diffmesh_grpc_in_flight_requests" .Values.autoscaling.prometheusAdapter.inFlightMetric) (list "diffmesh_queue_depth" .Values.autoscaling.prometheusAdapter.queueDepthMetric) -}}
+{{- $series := index $pair 0 -}}
+{{- $rules = append $rules (dict
+    "seriesQuery" (printf "%s{namespace!=\"\",pod!=\"\"}" $series)
+    "resources" (dict "overrides" (dict "namespace" (dict "resource" "namespace") "pod" (dict "resource" "pod")))
+    "name" (dict "matches" (printf "^%s$" $series) "as" (index $pair 1))
+    "metricsQuery" (printf "sum by (<<.GroupBy>>) (avg_over_time(<<.Series>>{<<.LabelMatchers>>}[%s]))" $window)) -}}
+{{- end -}}
+{{- toYaml (dict "rules" $rules) -}}
+{{- end -}}
+
+{{/*
+Fails the render for autoscaling values that contradict each other (dict root stage).
+*/}}
+{{- define "diffmesh.validateAutoscaling" -}}
+{{- $s := include "diffmesh.stageValues" . | fromJson -}}
+{{- $mode := include "diffmesh.autoscalingMode" . -}}
+{{- $scaled := or $s.autoscaling.enabled (and $s.canary.enabled $s.canary.autoscaling.enabled) -}}
+{{- if $scaled -}}
+{{- if and (eq $mode "keda") $s.autoscaling.metrics -}}
+{{- fail (printf "stages.%s.autoscaling.metrics is an HPA MetricSpec list, but the stage's autoscaling mode is keda (KEDA owns its HPA): use autoscaling.extraTriggers for more ScaledObject triggers, or mode cpu / hpa-pods" .stage) -}}
+{{- end -}}
+{{- if and (ne $mode "keda") $s.autoscaling.extraTriggers -}}
+{{- fail (printf "stages.%s.autoscaling.extraTriggers are KEDA triggers, but the stage's autoscaling mode is %s: set stages.%s.autoscaling.mode: keda (or autoscaling.gpuStageMode / cpuStageMode)" .stage $mode .stage) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
