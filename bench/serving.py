@@ -6,7 +6,8 @@ is a unary Generate of tiny-sdxl 128x128, 10 steps, CFG 5, one image, each with 
 and seed, sent by `concurrency` client threads until `requests` have finished. Images/s is
 requests / wall time of the round; latency is each request's client-side wall time. The lone
 request compares batching on with off, one request at a time, alternating between the meshes
-(the cost of the engine when there is no one to batch with).
+(the cost of the engine when there is no one to batch with): the median of each back-to-back
+pair's on / off ratio, beside the ratio of the two p50s.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench.stats import summarize_ms
 
@@ -79,7 +82,7 @@ def _start_mesh(registry: Path, batching: bool) -> Any:
     return mesh
 
 
-def run_serving(models_root: Path, requests: int = 16, warmup: int = 8, lone_runs: int = 20) -> dict[str, Any]:
+def run_serving(models_root: Path, requests: int = 16, warmup: int = 8, lone_runs: int = 40) -> dict[str, Any]:
     """Both meshes run side by side (an idle mesh costs next to nothing) so that their rounds
     interleave: on and off see the same machine, round by round."""
     from bench.e2e import _registry
@@ -117,7 +120,11 @@ def run_serving(models_root: Path, requests: int = 16, warmup: int = 8, lone_run
             mesh.stop()
     speedups = {mode: {c: r["images_per_s"] / results[mode]["rounds"]["1"]["images_per_s"]
                        for c, r in results[mode]["rounds"].items()} for mode in results}
-    lone_ratio = results["on"]["lone"]["p50_ms"] / results["off"]["lone"]["p50_ms"]
+    # The target figure: the median over back-to-back pairs of on / off. A lone mesh request
+    # varies by +-20 % from one to the next on a shared 2-core host (six processes), so the ratio
+    # of two p50s drifts by several percent between runs; the pairs cancel the drift.
+    pairs = [a / b for a, b in zip(lone["on"], lone["off"])]
+    lone_ratio = float(np.median(pairs))
     return {
         "workload": {"model": MODEL, "size": f"{WIDTH}x{HEIGHT}", "steps": STEPS, "guidance_scale": GUIDANCE,
                      "scheduler": SCHEDULER, "requests_per_round": requests, "warmup": warmup,
@@ -127,6 +134,7 @@ def run_serving(models_root: Path, requests: int = 16, warmup: int = 8, lone_run
         "speedup_c8_on": speedups["on"]["8"], "target_speedup_c8_min": TARGET_SPEEDUP_C8,
         "pass_speedup": speedups["on"]["8"] >= TARGET_SPEEDUP_C8,
         "c8_on_vs_off": results["on"]["rounds"]["8"]["images_per_s"] / results["off"]["rounds"]["8"]["images_per_s"],
-        "lone_p50_on_vs_off": lone_ratio, "target_lone_ratio_max": TARGET_LONE_RATIO,
+        "lone_p50_on_vs_off": results["on"]["lone"]["p50_ms"] / results["off"]["lone"]["p50_ms"],
+        "lone_paired_median_on_vs_off": lone_ratio, "target_lone_ratio_max": TARGET_LONE_RATIO,
         "pass_lone": lone_ratio <= TARGET_LONE_RATIO,
     }
