@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos models demo test bench up down clean
+.PHONY: venv protos chart-settings models demo test bench up down clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
+
+# The chart's table of which stage has which setting (files/stage-settings.json).
+chart-settings: $(STAMP)
+	$(PY) -m diffmesh.stage_settings
 
 models: $(STAMP)
 	$(VENV)/bin/diffmesh models build-tiny

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from diffmesh.runtime.config import CONFIG_FILE_ENV, ENV_PREFIX, ServerConfig
+from diffmesh.stage_settings import config_class, main as stage_settings_main, settings_by_stage
 from diffmesh.stages import STAGES, Need, Role, StageSpec, StageTable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -368,7 +369,11 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "port in stageDefaults": ({"stageDefaults": {"port": 50000}}, "/stageDefaults/port"),
     "bad role": ({"stages": {"vae": {"role": "sidecar"}}}, "/stages/vae/role"),
     "two frontends": ({"stages": {"vae": {"role": "frontend"}}}, "exactly one stage must have role: frontend, got 2"),
-    "global setting only some stages have": ({"settings": {"max_batch": 8}}, "invalid propertyName 'max_batch'"),
+    "global setting no stage has": ({"settings": {"max_bacth": 8}}, "invalid propertyName 'max_bacth'"),
+    "stage setting the stage lacks": ({"stages": {"vae": {"settings": {"max_steps": 5}}}},
+                                      "stages.vae.settings.max_steps is not a setting of the vae stage"),
+    "canary setting the stage lacks": ({"stages": {"text_encoder": {"canary": {"settings": {"max_size": 64}}}}},
+                                       "stages.text_encoder.canary.settings.max_size is not a setting of"),
     "tls without a health port": ({"tls": {"secretName": "mesh-tls"}},
                                   "probePort must be set when tls.secretName is"),
     "unknown stage field": ({"stages": {"vae": {"replica": 3}}}, "'replica' not allowed"),
@@ -1084,18 +1089,6 @@ SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 
 
-def config_class(spec: StageSpec) -> type[ServerConfig]:
-    """The stage's settings dataclass: the ServerConfig dataclass subclass its main module defines
-    (the most derived one: the orchestrator builds its config class on a base class of settings)."""
-    module = spec.main_module()
-    found = [obj for obj in vars(module).values()
-             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and issubclass(obj, ServerConfig)
-             and obj.__module__ == module.__name__]
-    leaves = [cls for cls in found if not any(other is not cls and issubclass(other, cls) for other in found)]
-    assert len(leaves) == 1, f"{spec.module}: expected one ServerConfig dataclass, found {[c.__name__ for c in found]}"
-    return leaves[0]
-
-
 def stage_env_names(spec: StageSpec) -> set[str]:
     """The DIFFMESH_* variables the stage's config loader accepts."""
     return {ENV_PREFIX + field.name.upper() for field in dataclasses.fields(config_class(spec))} | {CONFIG_FILE_ENV}
@@ -1291,14 +1284,35 @@ def test_rendered_diffmesh_env_are_settings_of_their_stage(rendered: Rendered) -
     assert not problems, "\n".join(problems)
 
 
-def test_shared_settings_are_settings_of_every_stage() -> None:
-    """The global `settings` (and stageDefaults.settings) reach every stage: the schema allows only
-    names every stage's config has."""
-    allowed = set(SCHEMA["definitions"]["sharedSettings"]["propertyNames"]["enum"])
-    for spec in STAGES:
-        fields = {field.name for field in dataclasses.fields(config_class(spec))}
-        assert allowed <= fields, f"stage {spec.name!r} lacks shared settings {sorted(allowed - fields)}"
-    assert set(VALUES["settings"]) <= allowed
+def test_the_charts_table_of_stage_settings_is_current() -> None:
+    """files/stage-settings.json and the schema's shared names are generated from the config
+    dataclasses; a setting added to a stage without regenerating them fails here."""
+    assert stage_settings_main(["--check"]) == 0, "run `python -m diffmesh.stage_settings`"
+    names = set(SCHEMA["definitions"]["sharedSettings"]["propertyNames"]["enum"])
+    assert names == {name for names in settings_by_stage().values() for name in names}
+    assert set(VALUES["settings"]) <= names
+
+
+def test_a_global_setting_reaches_exactly_the_stages_that_have_it(chart: Any, helm_config: Any) -> None:
+    """`settings` and `stageDefaults.settings` apply to every stage with the setting and skip the
+    rest (a service refuses a DIFFMESH_* variable it does not know); a stage's own value wins."""
+    values = {"settings": {"max_size": 1536, "max_prompt_chars": 900},
+              "stageDefaults": {"settings": {"max_batch": 3}},
+              "stages": {"vae": {"settings": {"max_size": 1024}}}}
+    rendered = render_release(chart, helm_config, values)
+    table = settings_by_stage()
+    seen = set()
+    for stage, variant, _, container in rendered.deployments():
+        env = env_of(container)
+        seen.add(stage)
+        expected_size = "1024" if stage == "vae" else "1536"
+        for name, value in (("max_size", expected_size), ("max_prompt_chars", "900"), ("max_batch", "3")):
+            variable = ENV_PREFIX + name.upper()
+            if name in table[stage]:
+                assert env.get(variable) == value, (stage, variant, name)
+            else:
+                assert variable not in env, (stage, variant, name)
+    assert {"orchestrator", "denoiser", "vae", "text_encoder"} <= seen
 
 
 # --- Dockerfile --------------------------------------------------------------------------------

@@ -23,10 +23,45 @@ copies (merge functions mutate their first argument, and .Values must stay untou
 the chart is one entry there (tests/deploy checks the set against diffmesh/stages.py).
 */}}
 {{- define "diffmesh.stages" -}}
+{{- $known := include "diffmesh.settingNames" . | fromJson -}}
 {{- $out := dict -}}
 {{- range $name, $own := .Values.stages -}}
-{{- $_ := set $out $name (mergeOverwrite (deepCopy $.Values.stageDefaults) (deepCopy (default dict $own))) -}}
+{{- $own = default dict $own -}}
+{{- $merged := mergeOverwrite (deepCopy $.Values.stageDefaults) (deepCopy $own) -}}
+{{- /* stageDefaults' settings reach only the stages that have them (a service refuses a
+DIFFMESH_* variable it does not know); the stage's own are kept as given (validateStage checks
+them against the stage's names) */ -}}
+{{- $has := default list (get $known $name) -}}
+{{- $settings := dict -}}
+{{- range $k, $v := (default dict $.Values.stageDefaults.settings) -}}{{- if has $k $has -}}{{- $_ := set $settings $k $v -}}{{- end -}}{{- end -}}
+{{- range $k, $v := (default dict (get $own "settings")) -}}{{- $_ := set $settings $k $v -}}{{- end -}}
+{{- $_ := set $merged "settings" $settings -}}
+{{- $canary := dict -}}
+{{- range $k, $v := (default dict (dig "canary" "settings" dict $.Values.stageDefaults)) -}}{{- if has $k $has -}}{{- $_ := set $canary $k $v -}}{{- end -}}{{- end -}}
+{{- range $k, $v := (default dict (dig "canary" "settings" dict $own)) -}}{{- $_ := set $canary $k $v -}}{{- end -}}
+{{- $_ := set $merged.canary "settings" $canary -}}
+{{- $_ := set $out $name $merged -}}
 {{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/*
+The settings each stage has, {stage: [name, ...]}: files/stage-settings.json, generated from the
+stages' config dataclasses (`python -m diffmesh.stage_settings`; a test fails when it is stale).
+*/}}
+{{- define "diffmesh.settingNames" -}}
+{{- .Files.Get "files/stage-settings.json" -}}
+{{- end -}}
+
+{{/*
+The global `settings` a stage gets, as JSON: those it has. A global setting applies to every stage
+that has it (a limit such as max_size is set once for the orchestrator and the stages enforcing
+it); the schema refuses a name no stage has. dict root stage -> JSON
+*/}}
+{{- define "diffmesh.globalSettings" -}}
+{{- $has := default list (get (include "diffmesh.settingNames" .root | fromJson) .stage) -}}
+{{- $out := dict -}}
+{{- range $k, $v := .root.Values.settings -}}{{- if has $k $has -}}{{- $_ := set $out $k $v -}}{{- end -}}{{- end -}}
 {{- toJson $out -}}
 {{- end -}}
 
@@ -195,7 +230,16 @@ dict root stage
 {{- if hasKey $s.callers "reloadSeconds" -}}{{- $_ := set $owned "callers_reload_s" "callers.reloadSeconds" -}}{{- end -}}
 {{- if hasKey $s.callers "batchEvery" -}}{{- $_ := set $owned "batch_every" "callers.batchEvery" -}}{{- end -}}
 {{- end -}}
-{{- range $pair := list (list "settings" $s.settings) (list "canary.settings" $s.canary.settings) (list "settings" $.root.Values.settings) -}}
+{{- $has := default list (get (include "diffmesh.settingNames" .root | fromJson) .stage) -}}
+{{- range $pair := list (list "settings" $s.settings) (list "canary.settings" $s.canary.settings) (list "secretSettings" $s.secretSettings) -}}
+{{- range $key, $_ := (index $pair 1) -}}
+{{- if not (has $key $has) -}}
+{{- fail (printf "stages.%s.%s.%s is not a setting of the %s stage (its settings: python -m %s --help)" $.stage (index $pair 0) $key $.stage (printf "services.%s" $.stage)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $global := include "diffmesh.globalSettings" . | fromJson -}}
+{{- range $pair := list (list "settings" $s.settings) (list "canary.settings" $s.canary.settings) (list "settings" $global) -}}
 {{- range $key, $_ := (index $pair 1) -}}
 {{- with get $owned $key -}}
 {{- fail (printf "stages.%s: %s.%s is also set by stages.%s.%s: set it in one place" $.stage (index $pair 0) $key $.stage .) -}}
@@ -228,7 +272,7 @@ says so before anything is deployed.
 {{- /* the variant's settings as deployment.yaml renders them: global < stage < canary (set, not
 merge: merge would take a canary's `false` for unset) */ -}}
 {{- $settings := dict -}}
-{{- range $source := list $.root.Values.settings $s.settings (index $pair 1) -}}
+{{- range $source := list (include "diffmesh.globalSettings" $ | fromJson) $s.settings (index $pair 1) -}}
 {{- range $k, $v := $source -}}{{- $_ := set $settings $k $v -}}{{- end -}}
 {{- end -}}
 {{- $signed := or (dig "c2pa" "secretName" "" $s) (get $settings "c2pa_cert_chain") (eq (toString (get $settings "c2pa_dev_chain")) "true") -}}
@@ -352,7 +396,7 @@ settings < canary settings), else the services' default, 1. dict root stage vari
 {{- include "diffmesh.settingValue" $s.autoscaling.targetInFlight -}}
 {{- else -}}
 {{- $slots := 1 -}}
-{{- $sources := list .root.Values.settings $s.settings -}}
+{{- $sources := list (include "diffmesh.globalSettings" . | fromJson) $s.settings -}}
 {{- if eq .variant "canary" -}}{{- $sources = append $sources $s.canary.settings -}}{{- end -}}
 {{- range $source := $sources -}}
 {{- if hasKey $source "max_concurrency" -}}{{- $slots = get $source "max_concurrency" -}}{{- end -}}
