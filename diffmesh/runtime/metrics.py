@@ -33,12 +33,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 # (diffmesh.errors: INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, RESOURCE_EXHAUSTED,
 # UNAVAILABLE, CANCELLED; the orchestrator's caller admission: UNAUTHENTICATED, PERMISSION_DENIED);
 # INTERNAL for an unexpected exception; CANCELLED when the caller goes away; DEADLINE_EXCEEDED when
-# its deadline passes. A test checks every diffmesh.errors code is here.
+# its deadline passes; UNKNOWN when the handler finished but the transport failed to send its reply
+# (runtime.delivery). A test checks every diffmesh.errors code is here.
 SERVER_CODES = ("OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED",
-                "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNAUTHENTICATED", "PERMISSION_DENIED")
+                "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNAUTHENTICATED", "PERMISSION_DENIED",
+                "UNKNOWN")
 # An orchestrator's call to a stage can also end with what the client side reports itself:
 # UNKNOWN (a stage answering outside the contract) and UNIMPLEMENTED (a canary of another version).
-STAGE_CALL_CODES = SERVER_CODES + ("UNKNOWN", "UNIMPLEMENTED")
+STAGE_CALL_CODES = SERVER_CODES + ("UNIMPLEMENTED",)
 DIRECTIONS = ("in", "out")
 
 REQUESTS = Counter("diffmesh_grpc_requests", "gRPC requests handled, by method and status code",

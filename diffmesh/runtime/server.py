@@ -35,7 +35,7 @@ from diffmesh.error_details import trailing_metadata
 from diffmesh.proto.v1 import common_pb2
 from diffmesh.stages import STAGES
 from diffmesh import errors
-from diffmesh.runtime import metrics, reflection, telemetry
+from diffmesh.runtime import delivery, metrics, reflection, telemetry
 from diffmesh.runtime.admission import INTERACTIVE, PriorityGate
 from diffmesh.runtime.batching import SharedCalls
 from diffmesh.runtime.channels import channel_options
@@ -238,6 +238,9 @@ class Admission:
 class _Call:
     bytes_out: int = 0
     request: Any = None  # the parsed request message
+    code: str = ""       # how the handler ended ("": it never started: the readiness gate refused it)
+    undelivered: bool = False  # the transport failed to send the reply (runtime.delivery)
+    settled: int = 0     # of the two ends it is counted after: the handler's and grpc's
 
 
 def _parsing_first(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -334,10 +337,15 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _end(self, method: str, start: float, code: str, bytes_out: int) -> None:
         elapsed = time.perf_counter() - start
         metrics.IN_FLIGHT.labels(self.stage, method).dec()
-        metrics.REQUESTS.labels(self.stage, method, code).inc()
         metrics.LATENCY.labels(self.stage, method).observe(elapsed, exemplar=metrics.exemplar())
         metrics.PAYLOAD.labels(self.stage, method, "out").inc(bytes_out)
         trace.get_current_span().set_attribute("diffmesh.payload.bytes_out", bytes_out)
+
+    def _settle(self, method: str, call: _Call) -> None:
+        call.settled += 1
+        if call.settled == 2 and call.code:
+            code = delivery.UNDELIVERED_CODE if call.undelivered else call.code
+            metrics.REQUESTS.labels(self.stage, method, code).inc()
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> str:
         if isinstance(exc, errors.MeshError):
@@ -380,6 +388,12 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         start, code, call = None, "OK", _Call()
         task = asyncio.current_task()
         self._calls.add(task)
+        delivery.watch(call)
+        # Counted when both the handler has ended and grpc says the call is done, whichever is
+        # last: a unary reply, and a stream's status, are sent after the handler is through, and a
+        # stream whose write failed is closed later still. So a reply whose send failed is counted
+        # undelivered, not as what the handler returned.
+        context.add_done_callback(lambda _context: self._settle(method, call))
         try:
             start = self._begin(method, request)
             call.request = parse_request(message_class, request)
@@ -402,7 +416,9 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         finally:
             self._calls.discard(task)
             if start is not None:
+                call.code = code
                 self._end(method, start, code, call.bytes_out)
+            self._settle(method, call)
 
     def _wrap_unary(self, behavior: Callable, method: str, message_class: type[Message] | None) -> Callable:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -471,6 +487,7 @@ async def serve(stage: Stage, config: ServerConfig, stop: asyncio.Event | None =
     except ConfigError as exc:
         log_event(log, "start-up failed", logging.ERROR, stage=stage.name, error=str(exc))
         return 1
+    delivery.install()
     interceptor = _ServiceInterceptor(stage.name, config.variant)
     # The tracing interceptor goes first so its server span encloses the error mapping and sees
     # the final status code.

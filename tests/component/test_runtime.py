@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from diffmesh.mesh import free_port
 from diffmesh.proto.v1 import vae_pb2, vae_pb2_grpc
@@ -37,6 +39,8 @@ class EchoVae(vae_pb2_grpc.VaeServicer):
         self.calls += 1
         async with self.admission.slot():
             await asyncio.sleep(self.delay)
+        if request.model_id == "oversized":  # a reply over the server's own 4 MiB send limit
+            return vae_pb2.DecodeResponse(pixels=codec.from_numpy(np.zeros((5, 1024, 1024), np.uint8)))
         array = codec.to_numpy(request.latents, "latents")
         return vae_pb2.DecodeResponse(pixels=codec.from_numpy(array))
 
@@ -253,3 +257,34 @@ def test_round_robin_spreads_calls_over_every_replica(serving):
         return [r.stage.echo.calls - b for r, b in zip(replicas, before)]
 
     assert asyncio.run(call_many()) == [5, 5]
+
+
+def test_a_reply_the_transport_failed_to_send_is_not_counted_as_ok(serving, caplog):
+    """The handler returns, then grpc's send fails (here: over the server's own send limit). The
+    call is counted UNKNOWN, not OK, and grpc's ERROR traceback becomes one structured WARNING."""
+    running = serving(max_message_mb=4)
+    decode = "/diffmesh.v1.Vae/Decode"
+
+    def count(code: str) -> float:
+        return REGISTRY.get_sample_value("diffmesh_grpc_requests_total",
+                                         {"stage": "vae", "method": decode, "code": code}) or 0.0
+
+    with grpc.insecure_channel(running.address, options=channel_options(256)) as channel:
+        stub = vae_pb2_grpc.VaeStub(channel)
+        stub.Decode(decode_request(), timeout=10)
+        wait_until(lambda: count("OK") >= 1)
+        ok, unknown = count("OK"), count("UNKNOWN")
+        with caplog.at_level(logging.WARNING), pytest.raises(grpc.RpcError) as info:
+            request = decode_request()
+            request.model_id = "oversized"
+            stub.Decode(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        wait_until(lambda: count("UNKNOWN") == unknown + 1)
+        assert count("OK") == ok
+        stub.Decode(decode_request(), timeout=10)  # the server is fine, and counts OK again
+        wait_until(lambda: count("OK") == ok + 1)
+    grpc_records = [r for r in caplog.records if r.name == "grpc._cython.cygrpc"]
+    assert [(r.levelname, r.getMessage(), r.fields) for r in grpc_records] == [
+        ("WARNING", "reply not delivered: the transport failed to send it",
+         {"method": decode, "code": "UNKNOWN", "counted": True})]
+    assert grpc_records[0].exc_info is None
