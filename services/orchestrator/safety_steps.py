@@ -113,46 +113,73 @@ def _face_signals(image: face_pb2.ImageFaces) -> list[safety_pb2.FaceSignal]:
 
 
 class CheckImages(Step):
-    """The image policy over the final pixels, with the faces the face stage finds on them: with
-    embeddings when the policy has a gallery (then the face stage is required), without when only
-    the minor rule wants ages (then only where a face stage is configured: packs without ages,
-    like the dlib default, give the rule nothing to use, so it is not a precondition)."""
+    """The image policy over the final pixels, with the faces the face stage finds on them.
+
+    - A policy with a gallery needs every image's face embeddings: the face stage is required
+      and analyses every image first.
+    - A policy whose only use of faces is the minor rule (ages) asks for them on demand: the
+      first check goes without faces, and only images where an age could change the decision (a
+      sexual label at its review threshold) are analysed and checked again. Clean images, nearly
+      all of them, cost no face analysis. Without a face stage there is nothing to ask, and the
+      rule has no ages to use (as with packs that estimate none, like the dlib default).
+    """
 
     name, reads, writes, stages, phase = "check_images", ("plan", "pixels", "safety"), ("safety",), (SAFETY,), SAFETY
 
     async def run(self, state: RequestState, run: FlowRun) -> None:
         plan, pixels, safety = state.plan, state.require("pixels"), state.require("safety")
         policy = await run.clients.safety.describe_policy(run.call)
-        faces: list[list[safety_pb2.FaceSignal]] | None = None
         if policy.needs_faces and not run.clients.configured("face"):
             raise FailedPrecondition("the safety policy compares faces with a protected-identity gallery, which "
                                      "needs the face stage: set face_address on the orchestrator")
-        if run.clients.configured("face") and (policy.needs_faces or policy.uses_ages):
-            analyzed = await run.clients.face.analyze(
-                run.call, face_pb2.AnalyzeRequest(images=[codec.from_numpy(np.ascontiguousarray(image))
-                                                          for image in pixels],
-                                                  skip_embeddings=not policy.needs_faces), self.phase)
-            faces = [_face_signals(image) for image in analyzed.images]
-        request = safety_pb2.CheckImagesRequest(request_id=plan.request_id, model_id=plan.model.entry.id,
-                                                prompt_hash=safety.prompt.prompt_hash,
-                                                prompt_decision=safety.prompt.decision)
-        for i, image in enumerate(pixels):
-            item = request.images.add(image=codec.from_numpy(np.ascontiguousarray(image)))
-            if faces is not None:
-                item.faces.extend(faces[i])
-                item.faces_analyzed = True
-        reply = await run.clients.safety.check_images(run.call, request, self.phase)
-        if len(reply.images) != len(pixels):
-            raise RuntimeError(f"safety returned {len(reply.images)} verdicts for {len(pixels)} images")
-        safety.verdicts = list(reply.images)
-        _record("image", [verdict.decision for verdict in reply.images])
-        withheld = [verdict.decision.outcome for verdict in reply.images if verdict.decision.outcome != ALLOW]
+        on_demand = not policy.needs_faces and policy.uses_ages and run.clients.configured("face")
+        indices = list(range(len(pixels)))
+        faces = await self._faces(run, pixels, indices, embeddings=True) if policy.needs_faces else None
+        verdicts = await self._check(run, state, indices, faces, on_demand)
+        again = [i for i in indices if verdicts[i].needs_faces]
+        if again:
+            faces = await self._faces(run, pixels, again, embeddings=False)
+            for index, verdict in zip(again, await self._check(run, state, again, faces, False)):
+                verdicts[index] = verdict
+        if any(verdict.needs_faces for verdict in verdicts):
+            raise RuntimeError("safety left an image undecided after its faces were sent")
+        safety.verdicts = verdicts
+        _record("image", [verdict.decision for verdict in verdicts])
+        withheld = [verdict.decision.outcome for verdict in verdicts if verdict.decision.outcome != ALLOW]
         for outcome in withheld:
             metrics.IMAGES_WITHHELD.labels(outcome_name(outcome)).inc()
-        worst = max(reply.images, key=lambda verdict: verdict.decision.outcome).decision
+        worst = max(verdicts, key=lambda verdict: verdict.decision.outcome).decision
         telemetry.annotate(**{"diffmesh.safety.image.outcome": outcome_name(worst.outcome),
                               "diffmesh.safety.image.category": worst.category or "none",
-                              "diffmesh.safety.images_withheld": len(withheld)})
+                              "diffmesh.safety.images_withheld": len(withheld),
+                              "diffmesh.safety.faces_analyzed": len(pixels) if policy.needs_faces else len(again)})
+
+    async def _faces(self, run: FlowRun, pixels: list, indices: list[int],
+                     embeddings: bool) -> dict[int, list[safety_pb2.FaceSignal]]:
+        analyzed = await run.clients.face.analyze(
+            run.call, face_pb2.AnalyzeRequest(images=[codec.from_numpy(np.ascontiguousarray(pixels[i]))
+                                                      for i in indices],
+                                              skip_embeddings=not embeddings), self.phase)
+        if len(analyzed.images) != len(indices):
+            raise RuntimeError(f"face returned {len(analyzed.images)} results for {len(indices)} images")
+        return {index: _face_signals(image) for index, image in zip(indices, analyzed.images)}
+
+    async def _check(self, run: FlowRun, state: RequestState, indices: list[int],
+                     faces: dict[int, list[safety_pb2.FaceSignal]] | None,
+                     on_demand: bool) -> list[safety_pb2.ImageSafetyVerdict]:
+        plan, pixels, safety = state.plan, state.require("pixels"), state.require("safety")
+        request = safety_pb2.CheckImagesRequest(request_id=plan.request_id, model_id=plan.model.entry.id,
+                                                prompt_hash=safety.prompt.prompt_hash,
+                                                prompt_decision=safety.prompt.decision, faces_on_demand=on_demand)
+        for index in indices:
+            item = request.images.add(image=codec.from_numpy(np.ascontiguousarray(pixels[index])))
+            if faces is not None:
+                item.faces.extend(faces[index])
+                item.faces_analyzed = True
+        reply = await run.clients.safety.check_images(run.call, request, self.phase)
+        if len(reply.images) != len(indices):
+            raise RuntimeError(f"safety returned {len(reply.images)} verdicts for {len(indices)} images")
+        return list(reply.images)
 
 
 class MarkFiles(Step):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 
 class Outcome(enum.IntEnum):
@@ -95,14 +95,32 @@ class ImageLabelRule:
     sexual: bool = False
 
 
+def embedding_family(embedding_model: str) -> str:
+    """The model an embedding_model string names without its weights' label: "arcface-512
+    (antelopev2)" -> "arcface-512". Thresholds belong to the network (its loss, its dimension), so
+    one entry covers every pack of it."""
+    return embedding_model.split(" (", 1)[0].strip()
+
+
 @dataclass(frozen=True)
 class GalleryPolicy:
     """Protected identities: cosine similarity of normalised face embeddings against the gallery
-    file's entries (made by `embedding_model`; faces from another model are not comparable)."""
+    file's entries (made by `embedding_model`; faces from another model are not comparable).
+
+    Thresholds are per embedding model because similarities are not comparable across models:
+    dlib's 128-d ResNet puts two different people at cosine 0.81-0.91 (measured, 192 pairs) where
+    ArcFace puts them near 0; one threshold for both blocks every dlib face or misses every ArcFace
+    match. Keys are an exact embedding_model ("arcface-512 (antelopev2)") or its family
+    ("arcface-512"); the exact key wins."""
 
     path: str                # the gallery file ("" : no gallery configured)
-    thresholds: Thresholds
+    models: Mapping[str, Thresholds]
     category: str = "protected_identity"
+
+    def thresholds_for(self, embedding_model: str) -> Thresholds | None:
+        """The thresholds that decide faces of `embedding_model`; None when the policy has none."""
+        found = self.models.get(embedding_model)
+        return found if found is not None else self.models.get(embedding_family(embedding_model))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class ImageCheck:
     decision: Decision                     # the most severe
     decisions: list[Decision]
     case_id: str = ""                      # REVIEW: the case holding the image
+    needs_faces: bool = False              # undecided until the caller sends the image's faces
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,20 @@ class SafetyEngine:
     # --- images ----------------------------------------------------------------------------
     def check_images(self, images: Sequence[np.ndarray], faces: Sequence[Sequence[FaceInfo]],
                      prompt_decision: Decision | None, request_id: str, model_id: str,
-                     prompt_hash: str) -> list[ImageCheck]:
+                     prompt_hash: str, faces_pending: Sequence[bool] = ()) -> list[ImageCheck]:
+        """faces_pending[i]: image i came without faces and the caller sends them on request; if
+        they could change its decision it is returned undecided (needs_faces), with no case opened."""
         checks = []
         for index, (image, image_faces) in enumerate(zip(images, faces)):
             verdict = self.images.check(image, image_faces, field=f"images[{index}]")
+            pending = index < len(faces_pending) and faces_pending[index]
             decisions = [d for d in verdict.decisions if d.outcome is not Outcome.ALLOW] or [verdict.decision]
             if prompt_decision is not None and prompt_decision.outcome is Outcome.REVIEW:
                 decisions = [prompt_decision, *[d for d in decisions if d.outcome is not Outcome.ALLOW]]
             decision = worst(decisions, self.version, Source.IMAGE)
+            if pending and verdict.ages_matter:
+                checks.append(ImageCheck(decision, decisions, needs_faces=True))
+                continue
             case_id = ""
             if decision.outcome is Outcome.REVIEW:
                 case_id = self.open_case(image, decisions, request_id, model_id, prompt_hash).case_id
@@ -114,13 +121,32 @@ class SafetyEngine:
     def open_case(self, image: np.ndarray, decisions: Sequence[Decision], request_id: str, model_id: str,
                   prompt_hash: str) -> ReviewCase:
         """The image as a review case: an unmarked PNG (reviewers see what was generated; the
-        marks are added when an approved image is released)."""
+        marks are added when an approved image is released).
+
+        Idempotent per image of a request: the orchestrator retries CheckImages on UNAVAILABLE
+        (a lost reply, a replica gone mid-reply), and the retry gets the case the first call opened
+        instead of a duplicate. The key is an HMAC under the deployment secret over what identifies
+        this image of this request (ids, prompt hash, shape and dtype, a SHA-256 of the raw pixels),
+        each part length-prefixed like hash_texts so parts cannot run into each other; keyed, so a
+        case id cannot be computed from public data. Same request and pixels: the same case; another
+        request id or one changed pixel: another case. No request id: nothing says two calls are the
+        same request, so every call opens its own case (a random id), as before."""
+        pixels = np.ascontiguousarray(image)
         buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=self.png_compress_level)
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=self.png_compress_level)
         height, width = image.shape[:2]
+        key = ""
+        if request_id:
+            digest = hmac.new(self.prompt_hash_salt, digestmod=hashlib.sha256)
+            for part in (b"diffmesh/review-case/v1", request_id.encode("utf-8"), model_id.encode("utf-8"),
+                         prompt_hash.encode("utf-8"), f"{pixels.dtype.str}{pixels.shape}".encode("ascii"),
+                         hashlib.sha256(pixels.tobytes()).digest()):
+                digest.update(len(part).to_bytes(8, "big") + part)
+            key = digest.hexdigest()
         return self.store.create(NewCase(
             request_id=request_id, model_id=model_id, prompt_hash=prompt_hash,
-            decisions=list(decisions), image=buffer.getvalue(), image_mime="image/png", width=width, height=height))
+            decisions=list(decisions), image=buffer.getvalue(), image_mime="image/png", width=width, height=height,
+            idempotency_key=key))
 
     # --- marking ---------------------------------------------------------------------------
     def mark(self, images: Sequence[np.ndarray], fmt: int, quality: int, request_id: str,

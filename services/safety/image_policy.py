@@ -6,7 +6,8 @@ Three rules, each giving Decisions (services.safety.decisions):
   under its category. Labels without a rule are ignored (the detector also reports faces, feet,
   covered body parts).
 - GALLERY: each face whose embedding comes from a model the gallery has entries of is decided by
-  its best cosine similarity against those entries, under policy.gallery. Faces of other models
+  its best cosine similarity against those entries, under policy.gallery's thresholds for that
+  embedding model (a gallery model without thresholds is a start-up error). Faces of other models
   are not comparable and give no decision; faces without an embedding neither.
 - MINOR: a `sexual` label scoring at least its rule's REVIEW threshold, in an image with a face
   whose estimated age is under policy.minor_age, is a BLOCK under policy.minor_category,
@@ -33,7 +34,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from services.safety.decisions import Decision, ImageLabelRule, Outcome, Policy, Source, worst
+from services.safety.decisions import Decision, ImageLabelRule, Outcome, Policy, Source, Thresholds, worst
 from services.safety.gallery import Gallery
 from services.safety.nsfw import Detection
 
@@ -60,6 +61,9 @@ class ImageVerdict:
     decision: Decision               # the most severe
     decisions: list[Decision]        # every non-ALLOW decision, or just the (ALLOW) worst when none
     detections: int                  # how many detections the detector reported (all labels)
+    # Whether the image's face ages could change the decision: the minor rule is on and a sexual
+    # label reached its review threshold. Callers that analyse faces on demand do so only then.
+    ages_matter: bool = False
 
 
 class ImagePolicy:
@@ -69,6 +73,19 @@ class ImagePolicy:
             # A misspelt label would never match and silently allow everything it was meant to catch.
             raise ValueError(f"policy {policy.version}: image labels {unknown} are not labels of the NSFW "
                              f"detector (it has {sorted(detector.labels)})")
+        # The thresholds deciding each model's faces, resolved once (exact key, else family).
+        self._gallery_thresholds: dict[str, Thresholds] = {}
+        if gallery is not None:
+            found = {model: policy.gallery.thresholds_for(model) for model in gallery.models}
+            unthresholded = sorted(model for model, thresholds in found.items() if thresholds is None)
+            if unthresholded:
+                # Deciding those faces with another model's numbers would block strangers or miss matches.
+                raise ValueError(f"policy {policy.version}: the gallery {gallery.source} has entries of embedding "
+                                 f"model(s) {unthresholded} with no thresholds under gallery.models (it has "
+                                 f"{sorted(policy.gallery.models)}; a key is an embedding model or its family, "
+                                 "the part before ' (')")
+            self._gallery_thresholds = {model: thresholds for model, thresholds in found.items()
+                                        if thresholds is not None}
         self.policy = policy
         self.detector = detector
         self.gallery = gallery
@@ -93,7 +110,8 @@ class ImagePolicy:
         if not decision.field:
             decision = dataclasses.replace(decision, field=field)
         flagged = [d for d in decisions if d.outcome is not Outcome.ALLOW]
-        return ImageVerdict(decision=decision, decisions=flagged or [decision], detections=len(detections))
+        return ImageVerdict(decision=decision, decisions=flagged or [decision], detections=len(detections),
+                            ages_matter=self.policy.minor_age > 0 and bool(self._sexual_at_review(detections)))
 
     def _label_decisions(self, detections: Sequence[Detection], field: str) -> list[Decision]:
         decisions = []
@@ -118,13 +136,20 @@ class ImagePolicy:
             if face.embedding is None or face.embedding_model not in self.gallery.models:
                 continue
             entry_id, similarity = self.gallery.match(face.embedding, face.embedding_model)
-            outcome, threshold = rules.thresholds.outcome(similarity)
+            thresholds = self._gallery_thresholds[face.embedding_model]
+            outcome, threshold = thresholds.outcome(similarity)
             decisions.append(Decision(
                 outcome, rules.category, similarity, threshold, self.policy.version, Source.GALLERY,
                 reason=f"face {index} is most similar to protected identity {entry_id} (cosine similarity "
-                       f"{similarity:.3f}; review at {rules.thresholds.review}, block at {rules.thresholds.block})",
+                       f"{similarity:.3f}; {face.embedding_model} thresholds: review at {thresholds.review}, "
+                       f"block at {thresholds.block})",
                 field=field))
         return decisions
+
+    def _sexual_at_review(self, detections: Sequence[Detection]) -> list[tuple[Detection, ImageLabelRule]]:
+        return [(d, self._rules[d.label]) for d in detections
+                if d.label in self._rules and self._rules[d.label].sexual
+                and d.score >= self._rules[d.label].thresholds.review]
 
     def _minor_decision(self, detections: Sequence[Detection], faces: Sequence[FaceInfo],
                         field: str) -> Decision | None:
@@ -134,9 +159,7 @@ class ImagePolicy:
         minors = [i for i, face in enumerate(faces) if face.age is not None and face.age < minor_age]
         if not minors:
             return None
-        sexual = [(d, self._rules[d.label]) for d in detections
-                  if d.label in self._rules and self._rules[d.label].sexual
-                  and d.score >= self._rules[d.label].thresholds.review]
+        sexual = self._sexual_at_review(detections)
         if not sexual:
             return None
         detection, rule = max(sexual, key=lambda pair: pair[0].score - pair[1].thresholds.review)

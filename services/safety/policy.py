@@ -170,15 +170,26 @@ def _image_label(reader: _Reader, item: Any, where: str) -> ImageLabelRule:
 
 
 def _gallery(reader: _Reader, item: Any, policy_dir: Path) -> GalleryPolicy:
-    entry = reader.mapping(item, "gallery", {"path", "review", "block", "category"})
+    if isinstance(item, dict) and ("review" in item or "block" in item):
+        # Policy files before 2026.12.3 had one review/block pair for every embedding model.
+        raise reader.fail("gallery", "review/block are per embedding model now: write them under "
+                                     "gallery.models.<embedding model>, e.g. models: {dlib-resnet-128: "
+                                     "{review: 0.93, block: 0.955}, arcface-512: {review: 0.30, block: 0.45}}")
+    entry = reader.mapping(item, "gallery", {"path", "models", "category"})
     path = reader.string(entry["path"], "gallery: path", allow_empty=True).strip()
     if path and not Path(path).is_absolute():
         path = str(policy_dir / path)
-    return GalleryPolicy(
-        path=path,
-        thresholds=reader.thresholds(entry["review"], entry["block"], "gallery", "", _COSINE, False),
-        category=reader.string(entry["category"], "gallery: category"),
-    )
+    models = entry["models"]
+    if not isinstance(models, dict) or not models:
+        raise reader.fail("gallery: models", "expected a non-empty mapping of embedding model to {review, block}")
+    thresholds: dict[str, Thresholds] = {}
+    for name, pair in models.items():
+        where = f"gallery: models: {name}"
+        model = reader.string(name, where).strip()
+        band = reader.mapping(pair, where, {"review", "block"})
+        thresholds[model] = reader.thresholds(band["review"], band["block"], where, "", _COSINE, False)
+    return GalleryPolicy(path=path, models=thresholds,
+                         category=reader.string(entry["category"], "gallery: category"))
 
 
 def parse_policy(document: Any, source: str, policy_dir: Path) -> Policy:

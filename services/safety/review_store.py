@@ -14,6 +14,11 @@ it, pending or decided, since keeping an image longer than promised is worse tha
 SQLite zeroes deleted rows (secure_delete) and truncates the WAL after a purge so purged images are
 gone from the file; PostgreSQL frees dead rows at its next (auto)vacuum.
 
+Creating is idempotent when the caller names the case with `NewCase.idempotency_key`: the case id is
+derived from the key (`case_id_for_key`), the insert is `ON CONFLICT (case_id) DO NOTHING`, and a
+repeat returns the case already stored (a retried CheckImages gets the first reply's case back, not
+a duplicate). The key is not stored: the id is all a repeat needs to find the case.
+
 Plain Python and SQL: no gRPC here; the servicer maps these types to its messages.
 """
 from __future__ import annotations
@@ -40,6 +45,11 @@ SCHEMA_VERSION = 1
 MAX_LIST_LIMIT = 500
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PROMPT_HASH = re.compile(r"[0-9a-f]{64}")
+# Domain separation: an id derived from a key can never equal another hash of the same key
+# computed elsewhere in the mesh (the watermark payload, the prompt hash).
+_CASE_ID_DOMAIN = b"diffmesh/review-case-id/v1\x00"
+# An insert that conflicts and then finds no row lost a race with a purge; try again this often.
+_CREATE_ATTEMPTS = 3
 
 Clock = Callable[[], datetime]
 
@@ -87,6 +97,16 @@ class CaseStateError(ReviewStoreError):
         self.status = status
 
 
+class CaseIdCollision(ReviewStoreError):
+    """An idempotency key led to a case that belongs to another request: a key-building bug (or a
+    hash collision). Refused rather than handing one request another request's case."""
+
+    def __init__(self, case_id: str):
+        super().__init__(f"review case {case_id!r} already exists for another request (different request_id, "
+                         "model_id or prompt_hash): the idempotency key does not identify one request's image")
+        self.case_id = case_id
+
+
 class StoreUnavailable(ReviewStoreError, ConnectionError):
     """The database could not be reached (the message names the URL with its password redacted)."""
 
@@ -115,6 +135,16 @@ class NewCase:
     width: int
     height: int
     image_mime: str = "image/png"
+    # Set: the case id is derived from it, and creating the same key again returns the stored case
+    # (retries do not duplicate cases). Make it unguessable (keyed by a deployment secret), since
+    # whoever knows a key knows its case id. "": a random id, every create is a new case.
+    idempotency_key: str = ""
+
+
+def case_id_for_key(idempotency_key: str) -> str:
+    """The case id an idempotency key names: 32 lowercase hex characters, like uuid4().hex, so ids
+    look the same either way (128 bits of SHA-256: collisions are not a practical concern)."""
+    return hashlib.sha256(_CASE_ID_DOMAIN + idempotency_key.encode("utf-8")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -180,6 +210,13 @@ class ReviewStore(abc.ABC):
         return _as_utc(self._clock(), "clock()")
 
     def create(self, case: NewCase) -> ReviewCase:
+        """Store a new PENDING case, or with an idempotency key already stored, return that case as
+        it is (its own created_at, status, decisions and image: the first create's, not this one's).
+
+        Concurrent creates of one key (threads, replicas) make one row and all return it. A key whose
+        case was purged after retention creates the case anew: nothing remembers a purged case (the key
+        is not kept anywhere), and a retry that late is not a retry of a live request any more.
+        """
         if not _PROMPT_HASH.fullmatch(case.prompt_hash):
             # Refuse anything but a hash so prompt text can never land in the store by mistake.
             raise ValueError("prompt_hash must be 64 lowercase hex characters (use hash_prompt)")
@@ -188,13 +225,26 @@ class ReviewStore(abc.ABC):
         if case.width <= 0 or case.height <= 0:
             raise ValueError(f"image size must be positive, got {case.width}x{case.height}")
         now = self._now()
+        case_id = case_id_for_key(case.idempotency_key) if case.idempotency_key else uuid.uuid4().hex
         stored = ReviewCase(
-            case_id=uuid.uuid4().hex, status=Status.PENDING, created_at=now, updated_at=now,
+            case_id=case_id, status=Status.PENDING, created_at=now, updated_at=now,
             retention_deadline=now + self.retention, request_id=case.request_id, model_id=case.model_id,
             prompt_hash=case.prompt_hash, decisions=tuple(case.decisions), image_mime=case.image_mime,
             width=case.width, height=case.height, reviewer="", review_note="", image=bytes(case.image))
-        self._insert(stored)
-        return stored
+        for _ in range(_CREATE_ATTEMPTS):
+            if self._insert(stored):
+                return stored
+            existing = self._select_case(case_id)
+            if existing is not None:
+                # Only what identifies the request is compared: the image bytes and decisions of a
+                # genuine retry may differ (a replica with another PNG compress level or, mid-rollout,
+                # another policy version), and the first stored case is the one reviewers see.
+                if (existing.request_id, existing.model_id, existing.prompt_hash) != \
+                        (stored.request_id, stored.model_id, stored.prompt_hash):
+                    raise CaseIdCollision(case_id)
+                return existing
+            # The row that conflicted was purged before we could read it: insert again.
+        raise ReviewStoreError(f"review case {case_id!r}: insert kept conflicting with a row that then vanished")
 
     def get(self, case_id: str) -> ReviewCase | None:
         return self._select_case(case_id)
@@ -248,7 +298,8 @@ class ReviewStore(abc.ABC):
     def close(self) -> None: ...
 
     @abc.abstractmethod
-    def _insert(self, case: ReviewCase) -> None: ...
+    def _insert(self, case: ReviewCase) -> bool:
+        """Insert unless a case with its id exists (ON CONFLICT DO NOTHING); True if inserted."""
 
     @abc.abstractmethod
     def _select_case(self, case_id: str) -> ReviewCase | None: ...
@@ -383,14 +434,16 @@ class SqliteReviewStore(ReviewStore):
     def _row_to_case(self, row: sqlite3.Row) -> ReviewCase:
         return ReviewCase(**_summary_fields(row, _from_micros, json.loads(row["decisions"])), image=row["image"])
 
-    def _insert(self, case: ReviewCase) -> None:
+    def _insert(self, case: ReviewCase) -> bool:
         with self._lock:
-            self._conn.execute(
-                f"INSERT INTO review_cases ({CASE_COLUMNS}) VALUES ({', '.join('?' * 15)})",
+            # rowcount is SQLite's changes(): 0 when DO NOTHING skipped the row.
+            return self._conn.execute(
+                f"INSERT INTO review_cases ({CASE_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+                "ON CONFLICT (case_id) DO NOTHING",
                 (case.case_id, case.status.value, _to_micros(case.created_at), _to_micros(case.updated_at),
                  _to_micros(case.retention_deadline), case.request_id, case.model_id, case.prompt_hash,
                  json.dumps([decision_to_dict(d) for d in case.decisions]), case.image_mime, case.width,
-                 case.height, case.reviewer, case.review_note, sqlite3.Binary(case.image)))
+                 case.height, case.reviewer, case.review_note, sqlite3.Binary(case.image))).rowcount == 1
 
     def _select_case(self, case_id: str) -> ReviewCase | None:
         with self._lock:
@@ -571,14 +624,17 @@ class PostgresReviewStore(ReviewStore):
     def _row_to_case(self, row: Mapping[str, Any]) -> ReviewCase:
         return ReviewCase(**_summary_fields(row, self._to_datetime, row["decisions"]), image=bytes(row["image"]))
 
-    def _insert(self, case: ReviewCase) -> None:
+    def _insert(self, case: ReviewCase) -> bool:
+        # A concurrent insert of the same id makes this one wait for it to commit, then do nothing;
+        # the caller's SELECT is a new statement (READ COMMITTED), so it sees the winner's row.
         with self._pool.transaction() as conn:
-            conn.execute(
-                f"INSERT INTO review_cases ({CASE_COLUMNS}) VALUES ({', '.join(['%s'] * 15)})",
+            return conn.execute(
+                f"INSERT INTO review_cases ({CASE_COLUMNS}) VALUES ({', '.join(['%s'] * 15)}) "
+                "ON CONFLICT (case_id) DO NOTHING",
                 (case.case_id, case.status.value, case.created_at, case.updated_at, case.retention_deadline,
                  case.request_id, case.model_id, case.prompt_hash,
                  self._jsonb([decision_to_dict(d) for d in case.decisions]), case.image_mime, case.width,
-                 case.height, case.reviewer, case.review_note, case.image))
+                 case.height, case.reviewer, case.review_note, case.image)).rowcount == 1
 
     def _select_case(self, case_id: str) -> ReviewCase | None:
         with self._pool.transaction() as conn:

@@ -155,20 +155,24 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
         prompt_decision = decision_from_message(request.prompt_decision) if request.HasField("prompt_decision") \
             else None
 
+        pending = [request.faces_on_demand and not item.faces_analyzed for item in request.images]
+
         def run() -> list[ImageCheck]:
             return self._engine.check_images(images, faces, prompt_decision, request.request_id,
-                                             request.model_id, request.prompt_hash)
+                                             request.model_id, request.prompt_hash, faces_pending=pending)
         checks, usage = await self._compute("safety.check_images", run)
-        _record("image", [check.decision for check in checks])
+        _record("image", [check.decision for check in checks if not check.needs_faces])  # the rest come back
         worst = max(checks, key=lambda check: check.decision.outcome).decision
         annotate(**{"diffmesh.safety.outcome": worst.outcome.name, "diffmesh.safety.category": worst.category,
                     "diffmesh.safety.policy_version": self._engine.version, "diffmesh.batch_size": len(images),
-                    "diffmesh.safety.review_cases": sum(1 for check in checks if check.case_id)})
+                    "diffmesh.safety.review_cases": sum(1 for check in checks if check.case_id),
+                    "diffmesh.safety.needs_faces": sum(1 for check in checks if check.needs_faces)})
         metrics.BATCH_SIZE.labels("safety").observe(len(images))
         return safety_pb2.CheckImagesResponse(
             images=[safety_pb2.ImageSafetyVerdict(decision=decision_message(check.decision),
                                                   decisions=[decision_message(d) for d in check.decisions],
-                                                  case_id=check.case_id) for check in checks],
+                                                  case_id=check.case_id, needs_faces=check.needs_faces)
+                    for check in checks],
             policy_version=self._engine.version, usage=usage)
 
     def _format(self, fmt: int, quality: int) -> None:

@@ -133,6 +133,18 @@ def test_a_small_image_says_it_carries_no_watermark_but_is_signed(client):
     assert image.marking.manifest
 
 
+def test_a_clean_image_costs_no_face_analysis(mesh, client):
+    # The default policy uses faces only for the minor rule: ages are asked for on demand, for
+    # images with a sexual label at its review threshold, and a lighthouse has none.
+    def analyses() -> float:
+        return metric(mesh.metrics_text("face"), "diffmesh_grpc_requests_total",
+                      method="/diffmesh.v1.FaceService/Analyze")
+    before = analyses()
+    reply = client.generate(build_request("a photo of a lighthouse", model=MODEL, steps=2, seed=4), timeout=120)
+    assert len(reply.images) == 1 and reply.info.safety.images[0].decision.outcome == ALLOW
+    assert analyses() == before
+
+
 def test_a_blocked_prompt_returns_the_decision_and_no_gpu_stage_sees_it(mesh, client):
     def gpu_calls() -> float:
         return sum(metric(mesh.metrics_text(stage), "diffmesh_grpc_requests_total", stage=stage)
@@ -177,8 +189,8 @@ def write_test_policy(tmp_path: Path, gallery: Path) -> Path:
     policy["prompt"]["categories"].append({
         "name": "test_bicycles", "description": "a category only tests use", "semantic": {"review": 0.6, "block": 0.99},
         "lexical": {"review": 1.0, "block": None}, "terms": [], "examples": ["a red bicycle"]})
-    # dlib's 128-d embeddings: the same face ~1.0, different people 0.6-0.8 (cosine).
-    policy["gallery"] = {"path": str(gallery), "review": 0.9, "block": 0.95, "category": "protected_identity"}
+    # The default policy's per-model thresholds (dlib: the same face >= 0.98, strangers 0.81-0.91).
+    policy["gallery"]["path"] = str(gallery)
     path = tmp_path / "test-policy.yaml"
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
     return path

@@ -32,14 +32,16 @@ REALISTIC_LABELS: tuple[ImageLabelRule, ...] = (
     ImageLabelRule("BUTTOCKS_EXPOSED", "nudity", Thresholds(0.45, 0.70), sexual=True),
     ImageLabelRule("FEMALE_GENITALIA_COVERED", "suggestive", Thresholds(0.60, 0.90)),
 )
-GALLERY_THRESHOLDS = Thresholds(0.50, 0.65)
 MODEL_A = "arcface-512 (antelopev2)"
 MODEL_B = "dlib-resnet-128"
+# By family for ArcFace (covers MODEL_A), exact for dlib; the numbers are the default policy's kind.
+GALLERY_THRESHOLDS = {"arcface-512": Thresholds(0.50, 0.65), MODEL_B: Thresholds(0.93, 0.955)}
 
 
-def make_policy(minor_age: int = 18) -> Policy:
+def make_policy(minor_age: int = 18, gallery_models: dict[str, Thresholds] | None = None) -> Policy:
     return Policy(version="test-7", prompt_categories=(), image_labels=REALISTIC_LABELS,
-                  gallery=GalleryPolicy(path="", thresholds=GALLERY_THRESHOLDS), minor_age=minor_age)
+                  gallery=GalleryPolicy("", GALLERY_THRESHOLDS if gallery_models is None else gallery_models),
+                  minor_age=minor_age)
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -214,8 +216,9 @@ IMAGE = np.zeros((64, 64, 3), np.uint8)
 
 
 def check(*detections: tuple[str, float], faces: tuple[FaceInfo, ...] = (), gallery: Gallery | None = None,
-          minor_age: int = 18):
-    return ImagePolicy(make_policy(minor_age), FakeDetector(*detections), gallery).check(IMAGE, faces, "images[2]")
+          minor_age: int = 18, gallery_models: dict[str, Thresholds] | None = None):
+    policy = make_policy(minor_age, gallery_models)
+    return ImagePolicy(policy, FakeDetector(*detections), gallery).check(IMAGE, faces, "images[2]")
 
 
 def test_allow_review_block_by_label_thresholds() -> None:
@@ -287,6 +290,37 @@ def test_gallery_review_block_and_other_models_ignored(gallery: Gallery) -> None
     assert gallery.match(target, "some-other-model-512") == (None, -1.0)
     without = check(faces=(FaceInfo(near(target, 0.99, 9), MODEL_A, None),), gallery=None)
     assert without.decision.outcome is Outcome.ALLOW
+
+
+def test_gallery_thresholds_are_the_faces_embedding_models(gallery: Gallery) -> None:
+    """One similarity, two models: 0.9 is a clear ArcFace match and an ordinary pair of strangers
+    for dlib (different people measured 0.81-0.91), so it blocks one and allows the other."""
+    arcface = check(faces=(FaceInfo(near(unit(2, 512), 0.9, 9), MODEL_A, None),), gallery=gallery)
+    dlib = check(faces=(FaceInfo(near(unit(3, 128), 0.9, 9), MODEL_B, None),), gallery=gallery)
+    assert arcface.decision.outcome is Outcome.BLOCK and arcface.decision.threshold == 0.65
+    assert dlib.decision.outcome is Outcome.ALLOW and dlib.decision.source is Source.GALLERY
+    assert dlib.decision.threshold == 0.93 and "dlib-resnet-128 thresholds" in dlib.decision.reason
+    near_copy = check(faces=(FaceInfo(near(unit(3, 128), 0.97, 9), MODEL_B, None),), gallery=gallery)
+    assert (near_copy.decision.outcome, near_copy.decision.threshold) == (Outcome.BLOCK, 0.955)
+    in_band = check(faces=(FaceInfo(near(unit(3, 128), 0.94, 9), MODEL_B, None),), gallery=gallery)
+    assert (in_band.decision.outcome, in_band.decision.threshold) == (Outcome.REVIEW, 0.93)
+
+
+def test_an_exact_embedding_model_key_wins_over_its_family(gallery: Gallery) -> None:
+    models = {**GALLERY_THRESHOLDS, MODEL_A: Thresholds(0.8, 0.95)}
+    verdict = check(faces=(FaceInfo(near(unit(2, 512), 0.9, 9), MODEL_A, None),), gallery=gallery,
+                    gallery_models=models)
+    assert (verdict.decision.outcome, verdict.decision.threshold) == (Outcome.REVIEW, 0.8)
+    assert GalleryPolicy("", models).thresholds_for("arcface-512 (buffalo_l)") == Thresholds(0.50, 0.65)
+    assert GalleryPolicy("", models).thresholds_for("arcface-5120") is None
+
+
+def test_a_gallery_model_without_thresholds_stops_start_up(gallery: Gallery) -> None:
+    with pytest.raises(ValueError, match=r"model\(s\) \['dlib-resnet-128'\] with no thresholds"):
+        ImagePolicy(make_policy(gallery_models={"arcface-512": Thresholds(0.5, 0.65)}), FakeDetector(), gallery)
+    # Thresholds for models the gallery does not hold are fine (a policy covers several face packs).
+    ImagePolicy(make_policy(gallery_models={**GALLERY_THRESHOLDS, "facenet-512": Thresholds(0.6, 0.7)}),
+                FakeDetector(), gallery)
 
 
 def test_gallery_match_picks_the_most_similar_entry_of_the_model(gallery: Gallery) -> None:

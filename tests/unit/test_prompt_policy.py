@@ -181,7 +181,7 @@ def test_decision_carries_rule_numbers_and_fields(prompt_policy: PromptPolicy, p
               ("face_prompts[0]", "   ")]
     allow, block, empty = prompt_policy.check(fields)
     assert [d.field for d in (allow, block, empty)] == ["prompt", "prompt_2", "face_prompts[0]"]
-    assert all(d.source is Source.PROMPT and d.policy_version == policy.version == "2026.12.2"
+    assert all(d.source is Source.PROMPT and d.policy_version == policy.version == "2026.12.3"
                for d in (allow, block, empty))
     assert allow.outcome is Outcome.ALLOW and allow.category and allow.score < allow.threshold
     assert block.outcome is Outcome.BLOCK and block.category == "non_consensual_intimate"

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from services.safety.decisions import Decision, Outcome, Source
-from services.safety.review_store import (CaseNotFound, CaseStateError, NewCase, ReviewCaseSummary, ReviewStore,
-                                          SqliteReviewStore, Status, StoreUnavailable, hash_prompt,
+from services.safety.review_store import (CaseIdCollision, CaseNotFound, CaseStateError, NewCase, ReviewCase,
+                                          ReviewCaseSummary, ReviewStore, ReviewStoreError, SqliteReviewStore,
+                                          Status, StoreUnavailable, case_id_for_key, hash_prompt,
                                           open_review_store, redact_url)
 from tests.postgres import postgres_database_url, postgres_server_url  # noqa: F401  (fixtures)
 
@@ -50,9 +51,10 @@ def png(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
     return buffer.getvalue()
 
 
-def new_case(index: int = 0) -> NewCase:
-    return NewCase(request_id=f"req-{index}", model_id="tiny-sdxl", prompt_hash=hash_prompt(PROMPT, SALT),
-                   decisions=DECISIONS, image=png(index), width=24, height=16)
+def new_case(index: int = 0, key: str = "", request_id: str = "") -> NewCase:
+    return NewCase(request_id=request_id or f"req-{index}", model_id="tiny-sdxl",
+                   prompt_hash=hash_prompt(PROMPT, SALT), decisions=DECISIONS, image=png(index), width=24,
+                   height=16, idempotency_key=key)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -213,6 +215,97 @@ def test_racing_reviewers_decide_a_case_once(store: ReviewStore):
     winners = [outcome for outcome in outcomes if outcome != "refused"]
     assert len(outcomes) == 8 and len(winners) == 1
     assert store.get(case.case_id).reviewer == winners[0]
+
+
+def test_a_repeated_idempotency_key_returns_the_stored_case(store: ReviewStore, clock: FakeClock):
+    first = store.create(new_case(1, key="retry-me"))
+    assert first.case_id == case_id_for_key("retry-me")
+    assert len(first.case_id) == 32 and first.case_id == first.case_id.lower() and int(first.case_id, 16) >= 0
+    clock.advance(minutes=3)
+    # A retry of the same request: its PNG bytes may differ (another replica's compress level).
+    again = store.create(new_case(2, key="retry-me", request_id="req-1"))
+    assert again == first and again.created_at == START and again.image == png(1)
+    assert store.counts()[Status.PENDING] == 1 and len(store.list()) == 1
+    # Decided meanwhile: the repeat returns the case as it stands now, and does not reopen it.
+    store.decide(first.case_id, Status.APPROVED, "alice")
+    clock.advance(minutes=3)
+    decided = store.create(new_case(1, key="retry-me"))
+    assert (decided.case_id, decided.status, decided.reviewer, decided.created_at) == \
+        (first.case_id, Status.APPROVED, "alice", START)
+    assert store.counts() == {Status.PENDING: 0, Status.APPROVED: 1, Status.REJECTED: 0}
+
+
+def test_other_keys_and_no_key_make_new_cases(store: ReviewStore):
+    one, other = store.create(new_case(1, key="image-a")), store.create(new_case(1, key="image-b"))
+    assert one.case_id != other.case_id
+    plain = [store.create(new_case(1)), store.create(new_case(1))]  # no key: a random id each time
+    assert len({one.case_id, other.case_id, *(case.case_id for case in plain)}) == 4
+    assert store.counts()[Status.PENDING] == 4
+
+
+def test_a_key_colliding_with_another_requests_case_is_refused(store: ReviewStore):
+    mine = store.create(new_case(1, key="shared"))
+    with pytest.raises(CaseIdCollision, match=mine.case_id) as refused:
+        store.create(new_case(1, key="shared", request_id="someone-else"))
+    assert isinstance(refused.value, ReviewStoreError)
+    other_prompt = NewCase(request_id="req-1", model_id="tiny-sdxl", prompt_hash=hash_prompt("other", SALT),
+                           decisions=DECISIONS, image=png(1), width=24, height=16, idempotency_key="shared")
+    with pytest.raises(CaseIdCollision):
+        store.create(other_prompt)
+    assert store.get(mine.case_id) == mine and store.counts()[Status.PENDING] == 1
+
+
+def test_a_purged_keyed_case_is_created_anew(store: ReviewStore, clock: FakeClock):
+    first = store.create(new_case(1, key="late"))
+    clock.advance(days=8)
+    assert store.purge_expired() == 1
+    # Nothing remembers a purged case: the same key opens it again, with a fresh deadline.
+    again = store.create(new_case(1, key="late"))
+    assert again.case_id == first.case_id and again.created_at == START + timedelta(days=8)
+    assert store.get(again.case_id) == again and store.counts()[Status.PENDING] == 1
+
+
+def test_eight_threads_creating_one_key_make_one_case(store: ReviewStore, clock: FakeClock):
+    errors: list[BaseException] = []
+    returned: list[ReviewCase] = []
+    start = threading.Barrier(8)
+
+    def work(index: int) -> None:
+        try:
+            start.wait()
+            returned.append(store.create(new_case(index, key="racing", request_id="req-racing")))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(returned) == 8
+    [stored] = store.list()
+    assert all(case == store.get(stored.case_id) for case in returned)  # all got the one winner's case
+    assert store.counts()[Status.PENDING] == 1
+
+
+class PurgedMidCreate(SqliteReviewStore):
+    """Another replica purges the conflicting row between this create's INSERT and its SELECT."""
+
+    def _insert(self, case: ReviewCase) -> bool:
+        inserted = super()._insert(case)
+        if not inserted and not getattr(self, "purged", False):
+            self.purged = True
+            self.purge_expired(now=case.created_at)
+        return inserted
+
+
+def test_a_row_purged_between_insert_and_select_is_inserted_again(tmp_path: Path):
+    clock = FakeClock()
+    with PurgedMidCreate(tmp_path / "review.db", RETENTION, clock) as store:
+        store.create(new_case(1, key="gone"))
+        clock.advance(days=8)
+        again = store.create(new_case(1, key="gone"))
+        assert store.purged and again.created_at == clock.now and store.get(again.case_id) == again
 
 
 def test_reopening_keeps_the_cases_and_the_schema(store_url: str, clock: FakeClock):

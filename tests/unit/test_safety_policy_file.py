@@ -29,7 +29,7 @@ def write_policy(tmp_path: Path, document: Any, name: str = "x.yaml") -> Path:
 
 def test_default_policy_loads() -> None:
     policy = load_policy(DEFAULT_POLICY_PATH)
-    assert policy.version == "2026.12.2" and policy.minor_age == 18 and policy.minor_category == "sexual_minors"
+    assert policy.version == "2026.12.3" and policy.minor_age == 18 and policy.minor_category == "sexual_minors"
     names = [category.name for category in policy.prompt_categories]
     assert set(REQUIRED_PROMPT_CATEGORIES) <= set(names)
     assert all(8 <= len(category.examples) <= 20 for category in policy.prompt_categories)
@@ -37,7 +37,8 @@ def test_default_policy_loads() -> None:
     assert genitals.sexual and genitals.thresholds == Thresholds(0.45, 0.7)
     breasts = next(rule for rule in policy.image_labels if rule.label == "FEMALE_BREAST_EXPOSED")
     assert breasts.thresholds == Thresholds(0.5, 0.8)
-    assert policy.gallery.path == "" and policy.gallery.thresholds == Thresholds(0.5, 0.65)
+    assert policy.gallery.path == "" and policy.gallery.models == {
+        "dlib-resnet-128": Thresholds(0.93, 0.955), "arcface-512": Thresholds(0.30, 0.45)}
     assert policy.gallery.category == "protected_identity"
     assert {"protected_identity", "sexual_explicit", *REQUIRED_PROMPT_CATEGORIES} <= set(policy.categories)
 
@@ -107,7 +108,23 @@ def _sexual_not_bool(doc: dict) -> None:
 
 
 def _bool_threshold(doc: dict) -> None:
-    doc["gallery"]["block"] = True
+    doc["gallery"]["models"]["dlib-resnet-128"]["block"] = True
+
+
+def _one_gallery_pair_for_every_model(doc: dict) -> None:
+    doc["gallery"]["review"], doc["gallery"]["block"] = 0.5, 0.65   # the pre-2026.12.3 shape
+
+
+def _no_gallery_models(doc: dict) -> None:
+    doc["gallery"]["models"] = {}
+
+
+def _gallery_model_review_above_block(doc: dict) -> None:
+    doc["gallery"]["models"]["arcface-512"] = {"review": 0.5, "block": 0.4}
+
+
+def _gallery_model_extra_key(doc: dict) -> None:
+    doc["gallery"]["models"]["arcface-512"]["warn"] = 0.2
 
 
 def _missing_gallery_key(doc: dict) -> None:
@@ -144,7 +161,13 @@ def _empty_term_list_item(doc: dict) -> None:
      "x.yaml: image.labels[1] (FEMALE_GENITALIA_EXPOSED): duplicate label 'FEMALE_GENITALIA_EXPOSED'"),
     (_label_review_above_block, "x.yaml: image.labels[0] (FEMALE_GENITALIA_EXPOSED): review 0.9 > block 0.7"),
     (_sexual_not_bool, "x.yaml: image.labels[0] (FEMALE_GENITALIA_EXPOSED): sexual: expected true or false, got 'yes'"),
-    (_bool_threshold, "x.yaml: gallery: block: expected a number, got True"),
+    (_bool_threshold, "x.yaml: gallery: models: dlib-resnet-128: block: expected a number, got True"),
+    (_one_gallery_pair_for_every_model, "x.yaml: gallery: review/block are per embedding model now: write them "
+                                        "under gallery.models.<embedding model>"),
+    (_no_gallery_models, "x.yaml: gallery: models: expected a non-empty mapping of embedding model to "
+                         "{review, block}"),
+    (_gallery_model_review_above_block, "x.yaml: gallery: models: arcface-512: review 0.5 > block 0.4"),
+    (_gallery_model_extra_key, "x.yaml: gallery: models: arcface-512: unknown key(s) warn"),
     (_missing_gallery_key, "x.yaml: gallery: missing key(s) category"),
     (_unknown_top_key, "x.yaml: unknown key(s) minor_ages"),
     (_minor_age_negative, "x.yaml: minor_age: expected a whole number of years in [0, 150], got -1"),
@@ -178,8 +201,8 @@ def test_semantic_thresholds_may_be_negative(tmp_path: Path, default_document: d
 
 
 def test_duplicate_yaml_key_is_rejected(tmp_path: Path) -> None:
-    text = DEFAULT_POLICY_PATH.read_text(encoding="utf-8").replace('version: "2026.12.2"',
-                                                                    'version: "2026.12.2"\nversion: "2026.12.3"')
+    text = DEFAULT_POLICY_PATH.read_text(encoding="utf-8").replace('version: "2026.12.3"',
+                                                                    'version: "2026.12.3"\nversion: "2026.12.4"')
     path = tmp_path / "dup.yaml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(PolicyError, match=re.escape(f"{path}: not valid YAML") + r".*duplicate key 'version'"):

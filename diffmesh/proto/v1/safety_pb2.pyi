@@ -119,28 +119,32 @@ class ImageToCheck(_message.Message):
     def __init__(self, image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., faces: _Optional[_Iterable[_Union[FaceSignal, _Mapping]]] = ..., faces_analyzed: _Optional[bool] = ...) -> None: ...
 
 class CheckImagesRequest(_message.Message):
-    __slots__ = ("images", "request_id", "model_id", "prompt_hash", "prompt_decision")
+    __slots__ = ("images", "request_id", "model_id", "prompt_hash", "prompt_decision", "faces_on_demand")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_HASH_FIELD_NUMBER: _ClassVar[int]
     PROMPT_DECISION_FIELD_NUMBER: _ClassVar[int]
+    FACES_ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageToCheck]
     request_id: str
     model_id: str
     prompt_hash: str
     prompt_decision: SafetyDecision
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageToCheck, _Mapping]]] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_hash: _Optional[str] = ..., prompt_decision: _Optional[_Union[SafetyDecision, _Mapping]] = ...) -> None: ...
+    faces_on_demand: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageToCheck, _Mapping]]] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt_hash: _Optional[str] = ..., prompt_decision: _Optional[_Union[SafetyDecision, _Mapping]] = ..., faces_on_demand: _Optional[bool] = ...) -> None: ...
 
 class ImageSafetyVerdict(_message.Message):
-    __slots__ = ("decision", "decisions", "case_id")
+    __slots__ = ("decision", "decisions", "case_id", "needs_faces")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_FACES_FIELD_NUMBER: _ClassVar[int]
     decision: SafetyDecision
     decisions: _containers.RepeatedCompositeFieldContainer[SafetyDecision]
     case_id: str
-    def __init__(self, decision: _Optional[_Union[SafetyDecision, _Mapping]] = ..., decisions: _Optional[_Iterable[_Union[SafetyDecision, _Mapping]]] = ..., case_id: _Optional[str] = ...) -> None: ...
+    needs_faces: bool
+    def __init__(self, decision: _Optional[_Union[SafetyDecision, _Mapping]] = ..., decisions: _Optional[_Iterable[_Union[SafetyDecision, _Mapping]]] = ..., case_id: _Optional[str] = ..., needs_faces: _Optional[bool] = ...) -> None: ...
 
 class CheckImagesResponse(_message.Message):
     __slots__ = ("images", "policy_version", "usage")
