@@ -62,6 +62,9 @@ def _e2e_rows(e2e: dict[str, Any]) -> list[Row]:
             f"{e2e['ratio_p50']:.3f}x ({e2e['overhead_p50_ms']:+.1f} ms; p95 {e2e['ratio_p95']:.3f}x)",
             f"<= {e2e['target_ratio_p50_max']:.2f}x", e2e["pass"]),
         Row("e2e mesh / in-process without PNG (p50)", f"{e2e['ratio_p50_vs_without_png']:.3f}x"),
+        *([Row("e2e mesh less its safety calls / in-process+PNG (p50)",
+               f"{e2e['ratio_p50_without_safety_calls']:.3f}x (safety {e2e['safety_calls_ms_p50']:.1f} ms)")]
+          if "ratio_p50_without_safety_calls" in e2e else []),
     ]
     attribution = e2e["mesh_attribution"]
     for stage, s in attribution["stages"].items():

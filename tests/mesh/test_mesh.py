@@ -40,8 +40,9 @@ def test_stream_sends_every_step_then_the_images(client):
     info = result.info
     assert (info.model, info.scheduler, info.steps, info.width, info.height) == ("tiny-sd15", "euler", 7, 64, 64)
     assert info.guidance_scale == pytest.approx(7.5)  # diffusers' SD 1.x default
+    # No face.analyze: the default policy needs faces only where a sexual label makes ages matter.
     assert [t.stage for t in info.timings] == ["safety.check_prompt", "text_encoder", "denoiser", "vae.decode",
-                                               "face.analyze", "safety.check_images", "safety.mark_images"]
+                                               "safety.check_images", "safety.mark_images"]
     assert {t.phase for t in info.timings if t.stage.startswith("safety.")} == {"safety"}
     assert all(t.wall_ms > 0 and t.variant == "stable" for t in info.timings)
     assert info.total_ms >= sum(t.wall_ms for t in info.timings) * 0.9

@@ -17,8 +17,9 @@ from diffmesh.proto.v1 import orchestrator_pb2_grpc
 
 # A txt2img request calls the stages every flow needs (the face stage is optional: face flows only).
 TXT2IMG_STAGES = [spec.name for spec in STAGES if spec.need is Need.ALWAYS]
-# The image check also asks the face stage for the faces of the result (the policy's minor rule).
-SERVICES = {STAGES[name].program for name in TXT2IMG_STAGES} | {STAGES["face"].program}
+# The image check asks the face stage for nothing here: the default policy wants faces only where
+# a sexual label makes ages matter (a face flow's trace: test_a_face_flow_traces_the_face_stage_too).
+SERVICES = {STAGES[name].program for name in TXT2IMG_STAGES}
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
 PROMPT = "a secret prompt about a purple giraffe"
 
@@ -64,7 +65,7 @@ def test_each_stage_server_span_is_the_child_of_an_orchestrator_client_span(trac
     # DescribePolicy is asked at most every 30 s (cached): in this trace or not.
     assert sorted(s.name for s in stage_servers if not s.name.endswith("/DescribePolicy")) == sorted([
         "/diffmesh.v1.SafetyService/CheckPrompt", "/diffmesh.v1.TextEncoder/Encode", "/diffmesh.v1.Vae/Encode",
-        "/diffmesh.v1.Denoiser/Denoise", "/diffmesh.v1.Vae/Decode", "/diffmesh.v1.FaceService/Analyze",
+        "/diffmesh.v1.Denoiser/Denoise", "/diffmesh.v1.Vae/Decode",
         "/diffmesh.v1.SafetyService/CheckImages", "/diffmesh.v1.SafetyService/MarkImages"])
     for server in stage_servers:
         client = by_id[server.parent_span_id]
@@ -94,6 +95,29 @@ def test_spans_carry_semantic_and_mesh_attributes(traced_call):
     names = {s.name for s in spans}
     assert {"safety.check_prompt", "encode_prompt", "vae.encode", "vae.decode", "safety.check_images",
             "safety.mark_images", "queue_wait"} <= names
+
+
+def test_a_face_flow_traces_the_face_stage_too(mesh, otlp_receiver):
+    """Face detailing on insightface's group photo: the face stage's server spans join the
+    caller's trace, each the child of an orchestrator client span."""
+    import importlib.util
+    from pathlib import Path
+
+    photo = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images" / "t1.jpg"
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    request = build_request(PROMPT, model="tiny-sdxl", seed=5, base_image=photo.read_bytes(), detail_faces=True,
+                            face_detailing={"max_faces": 1})
+    with grpc.insecure_channel(mesh.address("orchestrator")) as channel:
+        orchestrator_pb2_grpc.OrchestratorStub(channel).Generate(
+            request, timeout=120, metadata=[("traceparent", f"00-{trace_id}-{parent_id}-01")])
+    spans = otlp_receiver.collector.wait_for(trace_id, SERVICES | {STAGES["face"].program})
+    by_id = {s.span_id: s for s in spans}
+    face_servers = [s for s in spans if s.service == STAGES["face"].program and s.kind == SERVER]
+    assert "/diffmesh.v1.FaceService/Analyze" in {s.name for s in face_servers}
+    for server in face_servers:
+        client = by_id[server.parent_span_id]
+        assert client.kind == CLIENT and client.service == "diffmesh-orchestrator" and client.name == server.name
+    assert "giraffe" not in json.dumps([s.__dict__ for s in spans], default=str)
 
 
 def test_no_span_contains_the_prompt_text(traced_call):

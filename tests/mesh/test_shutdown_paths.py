@@ -176,11 +176,11 @@ def test_an_early_end_leaves_no_error_and_no_leak_in_any_log(mesh, client, path)
     settle(mesh)
     moved = {key: n - before.get(key, 0.0) for key, n in orchestrator_codes(mesh).items() if n != before.get(key, 0.0)}
     if not path.name.endswith("reply-refused"):
-        # Counted once, and never as OK. (A reply the client refuses after grpc has taken it is
-        # counted as grpc saw it: a unary reply is handed over after the handler returns, and a
-        # stream's last writes may be buffered before the client's reset arrives, so the server
-        # can see OK. The unary size limit and the stream's chunking keep stock 4 MiB clients
-        # from refusing anything; these two paths check the logs and the leaks only.)
+        # Counted once, and never as OK. (A reply the client refuses after receiving it left the
+        # server as far as grpc can tell, so the server can see OK; a send that fails on the
+        # server is counted UNKNOWN, tested in tests/component/test_runtime.py. The unary size
+        # limit and the stream's chunking keep stock 4 MiB clients from refusing anything; these
+        # two paths check the logs and the leaks only.)
         method = "GenerateStream" if path.name.startswith("stream") else "Generate"
         assert len(moved) == 1 and sum(moved.values()) == 1, moved
         # A passed deadline is counted as DEADLINE_EXCEEDED, a caller that left as CANCELLED.

@@ -15,8 +15,8 @@ from diffmesh.errors import Cancelled
 from diffmesh.runtime.batching import BatchPolicy, SharedCalls
 from services.denoiser.sampler import DenoiseJob, NonFiniteOutput, UNetDenoiser, batch_key
 from services.vae.autoencoder import LatentImageCodec
-from tests.unit.test_denoise_batch import (CPU, INIT, UNetCalls, assert_close, conditioning, half_map, make_job,
-                                           solo)
+from tests.unit.test_denoise_batch import (CPU, INIT, UNetCalls, assert_close, at_float32_guidance, conditioning,
+                                           half_map, make_job, solo)
 
 # Waits for company only as long as a straggler needs: the threads of a test all join first.
 TOGETHER = BatchPolicy(max_rows=64, max_wait_ms=2000.0)
@@ -102,8 +102,8 @@ def test_concurrent_requests_share_unet_calls_and_each_equals_its_lone_run(model
 
 def test_in_float32_a_batched_request_is_within_one_pixel_level_of_its_lone_run(sdxl_f32, entries):
     vae = LatentImageCodec(entries["tiny-sdxl"], CPU, torch.float32)
-    alone = [solo(sdxl_f32, job) for job in requests_for(sdxl_f32)]
-    for (got, stats), want in zip(concurrently(sdxl_f32, requests_for(sdxl_f32)), alone):
+    alone = [solo(sdxl_f32, job) for job in at_float32_guidance(requests_for(sdxl_f32))]
+    for (got, stats), want in zip(concurrently(sdxl_f32, at_float32_guidance(requests_for(sdxl_f32))), alone):
         assert max(stats.requests) > 1
         pixels = np.abs(vae.decode(got).astype(int) - vae.decode(want).astype(int))
         assert pixels.max() <= 1
