@@ -229,7 +229,7 @@ def run_e2e(models_root: Path, runs: int = 10, warmup: int = 3, stream_runs: int
                 orchestrator_total.append(info.total_ms)
                 orchestrator_outside.append(info.total_ms - sum(t.wall_ms for t in info.timings))
                 client_overhead.append(m_ms - info.total_ms)
-                safety_ms.append(sum(t.wall_ms for t in info.timings if t.stage == "safety"))
+                safety_ms.append(sum(t.wall_ms for t in info.timings if t.stage.split(".")[0] == "safety"))
                 for t in info.timings:
                     fields = stage_fields.setdefault(t.stage, {})
                     for name in _TIMING_FIELDS:
