@@ -139,8 +139,8 @@ class CheckImages(Step):
         again = [i for i in indices if verdicts[i].needs_faces]
         if again:
             faces = await self._faces(run, pixels, again, embeddings=False)
-            for index, verdict in zip(again, await self._check(run, state, again, faces, False)):
-                verdicts[index] = verdict
+            for position, (index, verdict) in enumerate(zip(again, await self._check(run, state, again, faces, False))):
+                verdicts[index] = _renumbered(verdict, position, index)
         if any(verdict.needs_faces for verdict in verdicts):
             raise RuntimeError("safety left an image undecided after its faces were sent")
         safety.verdicts = verdicts
@@ -180,6 +180,17 @@ class CheckImages(Step):
         if len(reply.images) != len(indices):
             raise RuntimeError(f"safety returned {len(reply.images)} verdicts for {len(indices)} images")
         return list(reply.images)
+
+
+def _renumbered(verdict: safety_pb2.ImageSafetyVerdict, position: int,
+                index: int) -> safety_pb2.ImageSafetyVerdict:
+    """A re-check sends a subset of the images: its decisions name images by their position in
+    that call; the caller knows them by their index in the request."""
+    sent, meant = f"images[{position}]", f"images[{index}]"
+    for decision in (verdict.decision, *verdict.decisions):
+        if decision.field == sent:
+            decision.field = meant
+    return verdict
 
 
 class MarkFiles(Step):

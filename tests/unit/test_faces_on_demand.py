@@ -92,11 +92,10 @@ def test_with_the_minor_rule_off_nothing_waits_for_faces(engine):
 
 
 # --- the orchestrator's step --------------------------------------------------------------------
-def verdict(outcome: int, needs_faces: bool = False) -> safety_pb2.ImageSafetyVerdict:
-    return safety_pb2.ImageSafetyVerdict(
-        decision=safety_pb2.SafetyDecision(outcome=outcome, category="nudity" if outcome else "",
-                                           policy_version="test-9"),
-        needs_faces=needs_faces)
+def verdict(outcome: int, needs_faces: bool = False, position: int = 0) -> safety_pb2.ImageSafetyVerdict:
+    decision = safety_pb2.SafetyDecision(outcome=outcome, category="nudity" if outcome else "",
+                                         policy_version="test-9", field=f"images[{position}]")
+    return safety_pb2.ImageSafetyVerdict(decision=decision, decisions=[decision], needs_faces=needs_faces)
 
 
 class RecordingSafety:
@@ -114,14 +113,14 @@ class RecordingSafety:
     async def check_images(self, ctx, request, phase):
         self.requests.append(request)
         verdicts = []
-        for item in request.images:
+        for position, item in enumerate(request.images):  # fields name positions in this call
             flagged = item.image.data[0] == 1
             if flagged and request.faces_on_demand and not item.faces_analyzed:
-                verdicts.append(verdict(REVIEW, needs_faces=True))
+                verdicts.append(verdict(REVIEW, needs_faces=True, position=position))
             elif flagged and any(face.HasField("age") and face.age < 18 for face in item.faces):
-                verdicts.append(verdict(BLOCK))
+                verdicts.append(verdict(BLOCK, position=position))
             else:
-                verdicts.append(verdict(REVIEW if flagged else ALLOW))
+                verdicts.append(verdict(REVIEW if flagged else ALLOW, position=position))
         return safety_pb2.CheckImagesResponse(images=verdicts, policy_version="test-9")
 
 
@@ -173,6 +172,10 @@ def test_only_the_flagged_image_is_analysed_and_checked_again():
     assert second.images[0].image.data[0] == 1
     assert [v.decision.outcome for v in state.safety.verdicts] == [ALLOW, BLOCK, ALLOW]
     assert not any(v.needs_faces for v in state.safety.verdicts)
+    # The re-check saw the image as images[0]; the reply names it by its index in the request.
+    blocked = state.safety.verdicts[1]
+    assert blocked.decision.field == "images[1]" and [d.field for d in blocked.decisions] == ["images[1]"]
+    assert [v.decision.field for v in state.safety.verdicts] == ["images[0]", "images[1]", "images[2]"]
 
 
 def test_a_gallery_policy_analyses_every_image_with_embeddings_up_front():
