@@ -4,7 +4,6 @@ stored for that name. A real SQLite store throughout (its clock injected); the i
 detector is a double, and the marking parts open_case never touches are left out (None)."""
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from services.safety.engine import SafetyEngine
 from services.safety.image_policy import ImagePolicy
 from services.safety.nsfw import NUDENET_LABELS, Detection
 from services.safety.review_store import ReviewStore, SqliteReviewStore, Status, open_review_store
+from tests.unit.test_review_store import together
 
 POLICY = Policy(version="test-idem", prompt_categories=(),
                 image_labels=(ImageLabelRule("FEMALE_GENITALIA_COVERED", "suggestive", Thresholds(0.60, 0.90)),),
@@ -121,23 +121,10 @@ def test_two_replicas_on_one_file_racing_one_image_make_one_case(tmp_path: Path)
     the database, not by one store's lock."""
     replicas = [SqliteReviewStore(tmp_path / "review.db", timedelta(days=7), Clock()) for _ in range(2)]
     engines = [engine_on(store) for store in replicas]
-    start = threading.Barrier(8)
     ids: list[str] = []
-    errors: list[BaseException] = []
-
-    def work(index: int) -> None:
-        try:
-            start.wait()
-            ids.append(engines[index % 2].open_case(pixels(), [DECISION], "req-race", "tiny", HASH).case_id)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = together(8, lambda index: ids.append(
+            engines[index % 2].open_case(pixels(), [DECISION], "req-race", "tiny", HASH).case_id))
         assert errors == [] and len(ids) == 8 and len(set(ids)) == 1
         assert replicas[0].counts()[Status.PENDING] == 1
     finally:

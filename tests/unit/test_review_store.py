@@ -57,6 +57,25 @@ def new_case(index: int = 0, key: str = "", request_id: str = "") -> NewCase:
                    height=16, idempotency_key=key)
 
 
+def together(count: int, work) -> list[BaseException]:
+    """work(0..count-1), each in its own thread, all released at once; what they raised."""
+    start, errors = threading.Barrier(count), []
+
+    def run(index: int) -> None:
+        try:
+            start.wait()
+            work(index)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test's assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -173,45 +192,28 @@ def test_cases_past_retention_are_purged_whatever_their_status(store: ReviewStor
 
 
 def test_concurrent_creates_from_eight_threads_all_land(store: ReviewStore):
-    errors: list[BaseException] = []
     created: list[str] = []
-    start = threading.Barrier(8)
 
     def work(offset: int) -> None:
-        try:
-            start.wait()
-            for index in range(5):
-                created.append(store.create(new_case(offset * 10 + index)).case_id)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
+        for index in range(5):
+            created.append(store.create(new_case(offset * 10 + index)).case_id)
 
-    threads = [threading.Thread(target=work, args=(offset,)) for offset in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert together(8, work) == []
     assert sorted(s.case_id for s in store.list(limit=100)) == sorted(created) and len(created) == 40
 
 
 def test_racing_reviewers_decide_a_case_once(store: ReviewStore):
     case = store.create(new_case())
     outcomes: list[str] = []
-    start = threading.Barrier(8)
 
-    def decide(reviewer: str) -> None:
-        start.wait()
+    def decide(n: int) -> None:
         try:
-            store.decide(case.case_id, Status.APPROVED, reviewer)
-            outcomes.append(reviewer)
+            store.decide(case.case_id, Status.APPROVED, f"reviewer-{n}")
+            outcomes.append(f"reviewer-{n}")
         except CaseStateError:
             outcomes.append("refused")
 
-    threads = [threading.Thread(target=decide, args=(f"reviewer-{n}",)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    assert together(8, decide) == []
     winners = [outcome for outcome in outcomes if outcome != "refused"]
     assert len(outcomes) == 8 and len(winners) == 1
     assert store.get(case.case_id).reviewer == winners[0]
@@ -266,22 +268,9 @@ def test_a_purged_keyed_case_is_created_anew(store: ReviewStore, clock: FakeCloc
 
 
 def test_eight_threads_creating_one_key_make_one_case(store: ReviewStore, clock: FakeClock):
-    errors: list[BaseException] = []
     returned: list[ReviewCase] = []
-    start = threading.Barrier(8)
-
-    def work(index: int) -> None:
-        try:
-            start.wait()
-            returned.append(store.create(new_case(index, key="racing", request_id="req-racing")))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = together(8, lambda index: returned.append(
+        store.create(new_case(index, key="racing", request_id="req-racing"))))
     assert errors == [] and len(returned) == 8
     [stored] = store.list()
     assert all(case == store.get(stored.case_id) for case in returned)  # all got the one winner's case
