@@ -61,7 +61,7 @@ class UndeliveredReplies(logging.Filter):
         call = _current.get()
         if call is not None:
             call.undelivered = True
-        match = _METHOD.search(str(record.msg % record.args if record.args else record.msg))
+        match = _METHOD.search(record.getMessage())
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.msg, record.args = "reply not delivered: the transport failed to send it", None
         record.exc_info, record.exc_text = None, None
